@@ -1,0 +1,167 @@
+"""A checkpoint directory: its store, its manifest, and the operations on both.
+
+Used by the engine during training and by the CLI afterwards, so that listing,
+verifying, committing, pruning and repairing mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+from checkpoint_hooks.core.errors import ManifestError
+from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream
+from checkpoint_hooks.core.lock import LOCK_NAME
+from checkpoint_hooks.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    record_from_sidecar,
+    sidecar_name,
+    sidecar_paths,
+)
+from checkpoint_hooks.core.records import Record
+from checkpoint_hooks.core.store import LocalStore, Store, open_store
+
+log = logging.getLogger("checkpoint_hooks")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one file of a committed checkpoint does not verify."""
+
+    record: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class CheckpointDirectory:
+    def __init__(self, store: Store | str) -> None:
+        self.store: Store = open_store(store) if isinstance(store, str) else store
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    # -- manifest ---------------------------------------------------------------------
+
+    def read_manifest(self) -> Manifest | None:
+        """The manifest, None when the directory has none; ManifestError when it is corrupt."""
+        raw = self.store.read_bytes(MANIFEST_NAME)
+        if raw is None:
+            return None
+        return Manifest.from_bytes(raw, self.store.join(MANIFEST_NAME))
+
+    def load(self) -> Manifest:
+        """The manifest, refusing to start a new one over checkpoints whose index is missing."""
+        manifest = self.read_manifest()
+        if manifest is not None:
+            return manifest
+        orphans = sidecar_paths(self.store.list_files())
+        if orphans:
+            raise ManifestError(
+                f"{self.store.join(MANIFEST_NAME)!r} is missing but {len(orphans)} checkpoint(s) are in the "
+                "directory; run `checkpoint-hooks verify --repair DIR` to rebuild the index from them, "
+                "or choose another dirpath"
+            )
+        return Manifest()
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest atomically: the moment new records become visible."""
+        if isinstance(self.store, LocalStore):
+            self.store.ensure()
+        self.store.write_bytes(MANIFEST_NAME, manifest.to_bytes())
+
+    # -- files ------------------------------------------------------------------------
+
+    def remove_record_files(self, record: Record) -> None:
+        """Delete a record's files, its sidecar last (what repair would find)."""
+        for entry in record.files:
+            self.store.remove(entry.path)
+        self.store.remove(sidecar_name(record.name))
+
+    def uncommitted(self, manifest: Manifest) -> list[str]:
+        """Files our saves left behind without a commit: sidecars not in the manifest and the files they list."""
+        referenced = manifest.referenced_paths()
+        leftovers: list[str] = []
+        for path in sidecar_paths(self.store.list_files()):
+            if path in referenced:
+                continue
+            leftovers.append(path)
+            raw = self.store.read_bytes(path)
+            record = record_from_sidecar(raw) if raw is not None else None
+            if record is not None:
+                leftovers.extend(f.path for f in record.files if f.path not in referenced)
+        return leftovers
+
+    def clean_uncommitted(self, manifest: Manifest) -> list[str]:
+        """Remove staging leftovers and uncommitted checkpoints of interrupted saves."""
+        removed = self.store.cleanup_staging()
+        leftovers = self.uncommitted(manifest)
+        # Payload first, sidecar last: an interrupted cleanup still finds the rest next time.
+        for path in sorted(leftovers, key=lambda p: p.endswith(".meta.json")):
+            self.store.remove(path)
+        removed.extend(leftovers)
+        if removed:
+            log.info("removed %d uncommitted file(s) left by an interrupted save in %s", len(removed), self.url)
+        return removed
+
+    # -- integrity --------------------------------------------------------------------
+
+    def verify_record(self, record: Record, checksums: bool = True) -> list[Problem]:
+        """Problems with a record's files: missing, wrong size, wrong checksum. Empty when it verifies."""
+        problems = []
+        for entry in record.files:
+            try:
+                with self.store.open_read(entry.path) as stream:
+                    if checksums and entry.checksum:
+                        actual, size = checksum_stream(stream, algorithm_of(entry.checksum))
+                    else:
+                        actual, size = None, stream.seek(0, 2)
+            except FileNotFoundError:
+                problems.append(Problem(record.name, entry.path, "missing"))
+                continue
+            except OSError as exc:
+                problems.append(Problem(record.name, entry.path, f"unreadable ({exc.strerror or exc})"))
+                continue
+            if size != entry.bytes:
+                problems.append(Problem(record.name, entry.path, f"size {size} bytes, expected {entry.bytes} (truncated or replaced)"))
+            elif actual is not None and actual != entry.checksum:
+                problems.append(Problem(record.name, entry.path, "checksum mismatch (the bytes changed after commit)"))
+        return problems
+
+    def verify(self, records: Iterable[Record] | None = None) -> list[Problem]:
+        manifest = self.load()
+        problems: list[Problem] = []
+        for record in records if records is not None else manifest.records:
+            problems.extend(self.verify_record(record))
+        return problems
+
+    # -- repair -----------------------------------------------------------------------
+
+    def rebuild(self) -> tuple[Manifest, list[str]]:
+        """A manifest rebuilt from sidecars whose files all verify; returns it and what was skipped."""
+        records: list[Record] = []
+        skipped: list[str] = []
+        for path in sidecar_paths(self.store.list_files()):
+            raw = self.store.read_bytes(path)
+            record = record_from_sidecar(raw) if raw is not None else None
+            if record is None:
+                skipped.append(f"{path}: unreadable sidecar")
+                continue
+            problems = self.verify_record(record)
+            if problems:
+                skipped.extend(f"{record.name}: {p}" for p in problems)
+                continue
+            records.append(record)
+        records.sort(key=lambda r: r.seq)
+        # Tags come from the sidecars' roles; the engine re-applies retention on its next save.
+        next_seq = max((r.seq for r in records), default=0) + 1
+        return Manifest(records=[r.with_tags(r.roles) for r in records], next_seq=next_seq), skipped
+
+    def is_ours(self, relpath: str) -> bool:
+        return relpath in (MANIFEST_NAME, LOCK_NAME) or relpath.endswith(".meta.json")
+

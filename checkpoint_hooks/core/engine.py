@@ -1,0 +1,498 @@
+"""The driver every adapter calls: at fit start (lock, clean, resume) and at epoch end (plan, write, commit, prune).
+
+An adapter turns framework state into `(epoch, step, metrics)` and a writer
+callable `write(item, path)` that saves one `SaveItem` in its format at a local
+path. The engine decides, writes through the store, commits the manifest, and
+only then prunes what retention no longer keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from checkpoint_hooks.core import retention
+from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
+from checkpoint_hooks.core.errors import MonitorError, SaveError
+from checkpoint_hooks.core.hashing import checksum_file
+from checkpoint_hooks.core.lock import DirectoryLock
+from checkpoint_hooks.core.manifest import Manifest, sidecar_bytes, sidecar_name
+from checkpoint_hooks.core.naming import format_name, unique_name
+from checkpoint_hooks.core.records import BEST, LAST, FileEntry, Record
+from checkpoint_hooks.core.store import Store, open_store
+from checkpoint_hooks.policy import CheckpointPolicy
+
+log = logging.getLogger("checkpoint_hooks")
+
+TRAINING_STATE = "training_state"
+LAST_TEMPLATE = "last-epoch={epoch:03d}-step={step}"
+
+
+@dataclass(frozen=True)
+class SaveItem:
+    """One checkpoint to write at this epoch end."""
+
+    name: str
+    format: str
+    roles: frozenset[str]
+    filename: str  # name + the format's extension
+
+
+@dataclass(frozen=True)
+class Plan:
+    epoch: int
+    step: int
+    metrics: Mapping[str, float]
+    items: tuple[SaveItem, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+Writer = Callable[[SaveItem, str], None]
+
+
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar metrics as floats; values that are not numbers (lists of one are unwrapped) are left out."""
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        try:
+            clean[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return clean
+
+
+@dataclass
+class Engine:
+    """Retention and storage for one training run, framework-free.
+
+    Args:
+        policy: the checkpoint policy.
+        extensions: file extension per format the adapter supports (".ckpt", ".keras", ...).
+        default_format: the format used when the policy leaves `format` unset.
+        resumable_formats: formats a run can resume from (training_state; Keras's .keras models too).
+        epoch_base: added to the 0-based epoch in file names (Keras names epochs from 1).
+        is_writer: False on every process but the one that writes (rank zero).
+        store: a store to use instead of the one `policy.dirpath` names.
+    """
+
+    policy: CheckpointPolicy
+    extensions: Mapping[str, str]
+    default_format: str = TRAINING_STATE
+    resumable_formats: frozenset[str] = frozenset({TRAINING_STATE})
+    epoch_base: int = 0
+    is_writer: bool = True
+    store: Store | None = None
+    directory: CheckpointDirectory = field(init=False)
+    manifest: Manifest = field(init=False, default_factory=Manifest)
+    run: str = field(init=False, default="")
+    resumed_from: Record | None = field(init=False, default=None)
+    _lock: DirectoryLock | None = field(init=False, default=None)
+    _started: bool = field(init=False, default=False)
+    _materialized: list[str] = field(init=False, default_factory=list)
+    _writing: SaveItem | None = field(init=False, default=None)
+    _seen_metrics: set[str] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.format not in self.extensions:
+            known = ", ".join(self.extensions)
+            raise SaveError(f"format={self.format!r} is not available here; use one of {known}")
+        if self.store is None:
+            try:
+                self.store = open_store(self.policy.dirpath)
+            except NotADirectoryError as exc:
+                from checkpoint_hooks.policy import PolicyError
+
+                raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
+        self.directory = CheckpointDirectory(self.store)
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def format(self) -> str:
+        return self.policy.format or self.default_format
+
+    @property
+    def level(self) -> int:
+        return logging.INFO if self.policy.verbose else logging.DEBUG
+
+    def run_records(self) -> list[Record]:
+        return self.manifest.run_records(self.run)
+
+    def top_k_records(self) -> list[Record]:
+        """The records the top-k rule keeps, best first (newest first without a monitor)."""
+        members = retention.top_k_members(self.run_records())
+        if self.policy.monitor is None:
+            return sorted(members, key=lambda r: -r.seq)
+        mode = self.policy.resolved_mode
+        return sorted(members, key=lambda r: (retention.rank_value(r.score(self.policy.monitor), mode), r.seq))
+
+    @property
+    def best_record(self) -> Record | None:
+        ranked = self.top_k_records()
+        return ranked[0] if ranked else None
+
+    @property
+    def last_record(self) -> Record | None:
+        lasts = [r for r in self.run_records() if LAST in r.tags]
+        return lasts[-1] if lasts else None
+
+    def path_of(self, record: Record) -> str:
+        assert self.store is not None
+        return self.store.join(record.primary_path)
+
+    # -- fit start --------------------------------------------------------------------
+
+    def start(self) -> Record | None:
+        """Lock the directory, clean what interrupted saves left, and pick the run to continue.
+
+        Returns the record to resume from (already verified), or None to start fresh.
+        """
+        if self._started:
+            return self.resumed_from
+        self._started = True
+        if not self.is_writer:
+            return None
+        self._lock = DirectoryLock(self.store)
+        self._lock.acquire()
+        try:
+            self.manifest = self.directory.load()
+            self.directory.clean_uncommitted(self.manifest)
+            record = self._find_resume() if self.policy.resume == "auto" else None
+        except BaseException:
+            self.close()
+            raise
+        if record is not None:
+            self.adopt(record)
+        else:
+            self._start_fresh()
+        return record
+
+    def _start_fresh(self) -> None:
+        self.run = uuid.uuid4().hex[:12]
+        self.resumed_from = None
+        if self.manifest.records:
+            log.warning(
+                "%s holds %d checkpoint(s) of earlier runs; they stay untouched and this run keeps its own",
+                self.directory.url,
+                len(self.manifest.records),
+            )
+        self.manifest.policy = self.policy.to_dict()
+        self.directory.commit(self.manifest)
+
+    def resume_candidates(self) -> list[Record]:
+        """Resumable records, newest first."""
+        found = [r for r in self.manifest.records if r.format in self.resumable_formats]
+        return sorted(found, key=lambda r: -r.seq)
+
+    def _find_resume(self) -> Record | None:
+        for record in self.resume_candidates():
+            problems = self.directory.verify_record(record, checksums=self.policy.verify)
+            if not problems:
+                return record
+            log.warning(
+                "skipping checkpoint %s for resume: %s; trying the previous one",
+                self.path_of(record),
+                "; ".join(str(p) for p in problems),
+            )
+        return None
+
+    def adopt(self, record: Record, discard_newer: bool = True) -> None:
+        """Continue `record`'s run from it.
+
+        Records of that run saved after it failed verification (automatic resume)
+        or belong to a timeline the user chose to leave (an explicit older path).
+        The first are removed so retention goes on as if the run never stopped;
+        for the second (`discard_newer=False`) the run forks and nothing is deleted.
+        """
+        self.resumed_from = record
+        newer = [r for r in self.manifest.run_records(record.run) if r.seq > record.seq]
+        if newer and not discard_newer:
+            self.run = uuid.uuid4().hex[:12]
+            log.warning(
+                "resuming from %s, which has %d newer checkpoint(s) in its run; they stay untouched "
+                "and this run keeps its own",
+                record.name,
+                len(newer),
+            )
+            newer = []
+        else:
+            self.run = record.run
+        if newer:
+            log.warning(
+                "removing %d checkpoint(s) saved after the resume point %s: %s",
+                len(newer),
+                record.name,
+                ", ".join(r.name for r in newer),
+            )
+            self.manifest.records = [r for r in self.manifest.records if r not in newer]
+            # Roles the removed records held (last, above all) return to the ones that remain.
+            tags = retention.retain(self.policy, self.run_records())
+            self.manifest.records = [
+                r.with_tags(tags.get(r.name, r.tags)) if r.run == self.run else r for r in self.manifest.records
+            ]
+        self.manifest.policy = self.policy.to_dict()
+        self.directory.commit(self.manifest)
+        for r in newer:
+            self.directory.remove_record_files(r)
+        log.log(self.level, "resuming from %s (epoch %d, step %d)", self.path_of(record), record.epoch, record.step)
+
+    def find_record(self, path: str) -> Record | None:
+        """The committed record a user-given path points to, if it is one of ours."""
+        assert self.store is not None
+        for record in self.manifest.records:
+            if path in (self.path_of(record), record.primary_path, record.name) or os.path.abspath(path) == self.path_of(record):
+                return record
+        return None
+
+    def local_path(self, record: Record) -> str:
+        """A local path of the record's primary file for a framework to load (downloaded for remote stores)."""
+        assert self.store is not None
+        if self.store.is_local:
+            return self.path_of(record)
+        tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")
+        self._materialized.append(tmp)
+        for entry in record.files:
+            target = os.path.join(tmp, *entry.path.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with self.store.local_path(entry.path) as downloaded:
+                shutil.copyfile(downloaded, target)
+        return os.path.join(tmp, *record.primary_path.split("/"))
+
+    # -- epoch end --------------------------------------------------------------------
+
+    def monitored_value(self, metrics: Mapping[str, float]) -> float | None:
+        monitor = self.policy.monitor
+        return None if monitor is None else metrics.get(monitor)
+
+    def require_monitor(self, metrics: Mapping[str, Any]) -> None:
+        """Raise MonitorError naming the keys that do appear when the monitor is missing."""
+        monitor = self.policy.monitor
+        if monitor is not None and monitor not in metrics:
+            available = ", ".join(sorted(metrics)) or "none"
+            raise MonitorError(
+                f"monitor={monitor!r} is not among the logged metrics ({available}); "
+                f"log it, or set monitor to one of those"
+            )
+
+    def plan(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> Plan:
+        """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
+        values = clean_metrics(metrics)
+        self._seen_metrics.update(values)
+        roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
+        if not roles:
+            return Plan(epoch, step, values)
+        # A metric logged on other epochs (or the monitor) but not this one shows as nan in the name;
+        # a placeholder never logged at all stays an error (most likely a typo).
+        fields: dict[str, Any] = {name: math.nan for name in self._seen_metrics}
+        if self.policy.monitor is not None:
+            fields[self.policy.monitor] = math.nan
+        fields.update(values)
+        fields.update(epoch=epoch + self.epoch_base, step=step)
+        taken = {r.name for r in self.manifest.records}
+        items: list[SaveItem] = []
+
+        def add(template: str, fmt: str, item_roles: frozenset[str]) -> None:
+            name = unique_name(format_name(template, fields), taken)
+            taken.add(name)
+            items.append(SaveItem(name, fmt, item_roles, name + self.extensions[fmt]))
+
+        wanted = roles.names()
+        if self.format in self.resumable_formats:
+            add(self.policy.filename_template, self.format, wanted)
+        else:
+            if wanted - {LAST}:
+                add(self.policy.filename_template, self.format, wanted - {LAST})
+            if roles.last:
+                add(LAST_TEMPLATE, TRAINING_STATE, frozenset({LAST}))
+        return Plan(epoch, step, values, tuple(items))
+
+    def save(self, epoch: int, step: int, metrics: Mapping[str, Any], write: Writer) -> list[Record]:
+        return self.execute(self.plan(epoch, step, metrics), write)
+
+    def execute(self, plan: Plan, write: Writer) -> list[Record]:
+        """Write the plan's items, commit them in one manifest write, then prune."""
+        if not plan:
+            return []
+        if not self.is_writer:
+            # Other ranks still call the writer: some frameworks gather state collectively.
+            with tempfile.TemporaryDirectory(prefix="checkpoint_hooks-rank-") as scratch:
+                for item in plan.items:
+                    write(item, os.path.join(scratch, item.filename))
+            return []
+        started = time.perf_counter()
+        try:
+            records = self._write(plan, write)
+        except Exception as exc:
+            error = self._save_error(plan, exc)
+            if self.policy.on_save_error == "warn":
+                log.warning("%s; training goes on (on_save_error='warn')", error)
+                return []
+            raise error from exc
+        removed = self._commit(records)
+        self._log_save(records, time.perf_counter() - started)
+        self._prune(removed)
+        return records
+
+    def _save_error(self, plan: Plan, exc: Exception) -> SaveError:
+        if isinstance(exc, SaveError):
+            return exc
+        names = ", ".join(i.filename for i in plan.items)
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        needed = ""
+        previous = self.run_records()
+        if previous:
+            needed = f" (the previous save took {previous[-1].bytes} bytes)"
+        where = self.directory.url
+        return SaveError(
+            f"could not save {names} to {where} at epoch {plan.epoch}: {reason}{needed}; "
+            "nothing of it was committed and earlier checkpoints are intact"
+        )
+
+    def _write(self, plan: Plan, write: Writer) -> list[Record]:
+        assert self.store is not None
+        records = []
+        with self.store.staging() as stage:
+            staged: list[tuple[str, list[str]]] = []
+            for index, item in enumerate(plan.items):
+                folder = os.path.join(stage, str(index))
+                os.mkdir(folder)
+                self._writing = item
+                try:
+                    write(item, os.path.join(folder, item.filename))
+                finally:
+                    self._writing = None
+                files = _files_below(folder)
+                if not files:
+                    raise SaveError(f"saving {item.filename} produced no file")
+                # The file named after the item comes first: it is what a framework loads.
+                files.sort(key=lambda rel: (rel != item.filename, rel))
+                entries = []
+                for rel in files:
+                    path = os.path.join(folder, *rel.split("/"))
+                    if self.policy.verify:
+                        checksum, size = checksum_file(path)
+                    else:
+                        checksum, size = None, os.path.getsize(path)
+                    entries.append(FileEntry(rel, size, checksum))
+                record = Record(
+                    name=item.name,
+                    epoch=plan.epoch,
+                    step=plan.step,
+                    format=item.format,
+                    metrics=dict(plan.metrics),
+                    roles=item.roles,
+                    tags=item.roles,
+                    files=tuple(entries),
+                    created=time.time(),
+                    run=self.run,
+                    seq=self.manifest.next_seq + index,
+                )
+                sidecar = sidecar_name(item.name)
+                with open(os.path.join(folder, sidecar), "wb") as f:
+                    f.write(sidecar_bytes(record))
+                staged.append((folder, [sidecar, *files]))
+                records.append(record)
+            # The sidecar goes first: a crash mid-publish leaves files that cleanup can find.
+            for folder, relpaths in staged:
+                self.store.publish(folder, relpaths)
+        return records
+
+    def _commit(self, new: Sequence[Record]) -> list[Record]:
+        run_records = self.run_records() + list(new)
+        tags = retention.retain(self.policy, run_records)
+        kept = [r.with_tags(tags[r.name]) for r in run_records if r.name in tags]
+        removed = [r for r in run_records if r.name not in tags]
+        others = [r for r in self.manifest.records if r.run != self.run]
+        self.manifest.records = others + kept
+        self.manifest.next_seq = max(self.manifest.next_seq, max(r.seq for r in new) + 1)
+        self.manifest.policy = self.policy.to_dict()
+        self.directory.commit(self.manifest)
+        return removed
+
+    def _prune(self, removed: Sequence[Record]) -> None:
+        """Delete what retention dropped; runs only after the commit that dropped it."""
+        for record in removed:
+            self.directory.remove_record_files(record)
+            log.log(self.level, "pruned %s (epoch %d)", record.name, record.epoch)
+
+    def _log_save(self, records: Sequence[Record], seconds: float) -> None:
+        if not log.isEnabledFor(self.level):
+            return
+        monitor = self.policy.monitor
+        ranked = [r.name for r in self.top_k_records()]
+        for record in records:
+            value = record.score(monitor)
+            shown = f" {monitor}={value:.4f}" if value is not None and monitor else ""
+            rank = ""
+            if BEST in record.roles and record.name in ranked:
+                k = self.policy.top_k if self.policy.top_k > 0 else len(ranked)
+                rank = f" best {ranked.index(record.name) + 1}/{k}"
+            tags = ",".join(sorted(record.roles - {BEST}))
+            log.log(
+                self.level,
+                "saved epoch %d%s%s%s in %.2f s: %s",
+                record.epoch,
+                shown,
+                rank,
+                f" [{tags}]" if tags else "",
+                seconds,
+                self.path_of(record),
+            )
+
+    # -- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The retention state as saved inside a framework checkpoint (the manifest holds the full copy)."""
+        best = self.best_record
+        score = best.score(self.policy.monitor) if best else None
+        return {
+            "run": self.run,
+            "dirpath": self.directory.url,
+            "best_model_path": self.path_of(best) if best else "",
+            "best_model_score": None if score is None or math.isnan(score) else score,
+            "best_k_models": {self.path_of(r): r.score(self.policy.monitor) for r in self.top_k_records()},
+            "last_model_path": self.path_of(self.last_record) if self.last_record else "",
+            "record": self._writing.name if self._writing else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from the record a framework checkpoint was saved as, when it is in this directory."""
+        name = state.get("record")
+        if not self.is_writer or not name:
+            return
+        record = self.manifest.by_name(str(name))
+        if record is not None and record != self.resumed_from:
+            self.adopt(record, discard_newer=False)
+
+    def problems(self, record: Record) -> list[Problem]:
+        return self.directory.verify_record(record, checksums=self.policy.verify)
+
+    # -- end --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for tmp in self._materialized:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._materialized.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._started = False
+
+
+def _files_below(folder: str) -> list[str]:
+    found = []
+    for base, _dirs, files in os.walk(folder):
+        for name in files:
+            found.append(os.path.relpath(os.path.join(base, name), folder).replace(os.sep, "/"))
+    return found

@@ -1,0 +1,116 @@
+"""Plain records of committed checkpoints, shared by retention, the manifest and the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+BEST = "best"
+LAST = "last"
+SNAPSHOT = "snapshot"
+PREEMPTED = "preempted"
+TAGS = (BEST, LAST, SNAPSHOT, PREEMPTED)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint: its path relative to the checkpoint directory, size and checksum."""
+
+    path: str
+    bytes: int
+    checksum: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "checksum": self.checksum}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
+        return cls(path=str(data["path"]), bytes=int(data["bytes"]), checksum=data.get("checksum"))
+
+
+@dataclass(frozen=True)
+class Record:
+    """A committed checkpoint.
+
+    `roles` are what the record was saved for (fixed at save time); `tags` are the
+    roles it still holds (retention moves them: a newer `last` takes that tag).
+    """
+
+    name: str
+    epoch: int
+    step: int
+    format: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    roles: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+    files: tuple[FileEntry, ...] = ()
+    created: float = 0.0
+    run: str = ""
+    seq: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def primary_path(self) -> str:
+        """The path a framework loads: the first file written (the one named after the record)."""
+        return self.files[0].path if self.files else self.name
+
+    def score(self, monitor: str | None) -> float | None:
+        if monitor is None:
+            return None
+        value = self.metrics.get(monitor)
+        return None if value is None else float(value)
+
+    def with_tags(self, tags: frozenset[str]) -> Record:
+        return replace(self, tags=tags)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "epoch": self.epoch,
+            "step": self.step,
+            "format": self.format,
+            "metrics": {k: encode_float(v) for k, v in self.metrics.items()},
+            "roles": sorted(self.roles),
+            "tags": sorted(self.tags),
+            "files": [f.to_json() for f in self.files],
+            "bytes": self.bytes,
+            "created": self.created,
+            "run": self.run,
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Record:
+        return cls(
+            name=str(data["name"]),
+            epoch=int(data["epoch"]),
+            step=int(data["step"]),
+            format=str(data["format"]),
+            metrics={str(k): decode_float(v) for k, v in dict(data.get("metrics") or {}).items()},
+            roles=frozenset(data.get("roles") or ()),
+            tags=frozenset(data.get("tags") or ()),
+            files=tuple(FileEntry.from_json(f) for f in data.get("files") or ()),
+            created=float(data.get("created") or 0.0),
+            run=str(data.get("run") or ""),
+            seq=int(data.get("seq") or 0),
+        )
+
+
+def encode_float(value: float) -> float | str:
+    """JSON has no NaN or infinity: write them as strings so the manifest stays strict JSON."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def decode_float(value: Any) -> float:
+    if isinstance(value, str):
+        return float({"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(value, value))
+    return float(value)

@@ -1,0 +1,291 @@
+"""Where checkpoint bytes go: a local directory or any fsspec URL.
+
+The seam is small (stage, publish, read, write, remove, list). Atomicity lives
+inside: frameworks write into a staging directory; `publish` moves the files
+into place (rename on a local disk, one upload per file on an object store).
+A checkpoint is visible only once the manifest, written last, records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from typing import IO, Iterator, Protocol
+
+STAGING_PREFIX = ".staging-"
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+class Store(Protocol):
+    """What the engine needs from a checkpoint directory."""
+
+    url: str
+    is_local: bool
+
+    def staging(self) -> contextlib.AbstractContextManager[str]:
+        """A local directory to write a checkpoint into; removed on exit whatever happens."""
+
+    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+        """Move staged files to their final relative paths (atomically each)."""
+
+    def read_bytes(self, relpath: str) -> bytes | None:
+        """A file's bytes, or None when it does not exist."""
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Replace a file atomically: readers see the old or the new bytes, never a mix."""
+
+    def remove(self, relpath: str) -> None:
+        """Delete a file; missing files are fine."""
+
+    def list_files(self) -> list[str]:
+        """Every file below the directory, relative, '/'-separated."""
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def open_read(self, relpath: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+
+    def local_path(self, relpath: str) -> contextlib.AbstractContextManager[str]:
+        """A local path a framework can load from (a download for remote stores)."""
+
+    def join(self, relpath: str) -> str:
+        """The full path or URL of a relative path, as shown to users."""
+
+    def cleanup_staging(self) -> list[str]:
+        """Remove staging leftovers of interrupted saves; returns what was removed."""
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """A directory on a local (or mounted) filesystem: temp name, fsync, rename."""
+
+    is_local = True
+
+    def __init__(self, path: str) -> None:
+        if path.startswith("file://"):
+            path = path[len("file://") :]
+        self.root = os.path.abspath(os.path.expanduser(path))
+        self.url = self.root
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                f"dirpath {self.root!r} is a file, not a directory; point dirpath at a directory",
+                self.root,
+            )
+
+    def _abs(self, relpath: str) -> str:
+        return os.path.join(self.root, *relpath.split("/"))
+
+    def join(self, relpath: str) -> str:
+        return self._abs(relpath)
+
+    def ensure(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[str]:
+        self.ensure()
+        # Same directory as the destination, so publishing is a rename on one filesystem.
+        path = os.path.join(self.root, STAGING_PREFIX + uuid.uuid4().hex[:12])
+        os.mkdir(path)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+        directories = {self.root}
+        for rel in relpaths:
+            _fsync_path(os.path.join(staging_dir, *rel.split("/")))
+        for rel in relpaths:
+            target = self._abs(rel)
+            parent = os.path.dirname(target)
+            if parent not in directories:
+                os.makedirs(parent, exist_ok=True)
+                directories.add(parent)
+            os.replace(os.path.join(staging_dir, *rel.split("/")), target)
+        for directory in directories:
+            _fsync_path(directory, directory=True)
+
+    def read_bytes(self, relpath: str) -> bytes | None:
+        try:
+            with open(self._abs(relpath), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.ensure()
+        target = self._abs(relpath)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=STAGING_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_path(os.path.dirname(target), directory=True)
+
+    def remove(self, relpath: str) -> None:
+        path = self._abs(relpath)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            return
+        # Drop directories the checkpoint created (e.g. an export folder's parents), never the root.
+        parent = os.path.dirname(path)
+        while parent != self.root and parent.startswith(self.root):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    def list_files(self) -> list[str]:
+        found = []
+        if not os.path.isdir(self.root):
+            return found
+        for base, _dirs, files in os.walk(self.root):
+            for name in files:
+                rel = os.path.relpath(os.path.join(base, name), self.root)
+                found.append(rel.replace(os.sep, "/"))
+        return sorted(found)
+
+    def exists(self, relpath: str) -> bool:
+        return os.path.exists(self._abs(relpath))
+
+    @contextlib.contextmanager
+    def open_read(self, relpath: str) -> Iterator[IO[bytes]]:
+        with open(self._abs(relpath), "rb", buffering=0) as f:
+            yield f
+
+    @contextlib.contextmanager
+    def local_path(self, relpath: str) -> Iterator[str]:
+        yield self._abs(relpath)
+
+    def cleanup_staging(self) -> list[str]:
+        removed = []
+        if not os.path.isdir(self.root):
+            return removed
+        for name in os.listdir(self.root):
+            if name.startswith(STAGING_PREFIX):
+                path = os.path.join(self.root, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                removed.append(name)
+        return removed
+
+
+class FsspecStore:
+    """Any fsspec URL (s3://, gs://, memory://). Object stores have no rename:
+    each file is one upload, and the manifest written last is the commit."""
+
+    is_local = False
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        if self.fs.isfile(self.root):
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"dirpath {url!r} is a file, not a directory; point dirpath at a directory", url
+            )
+
+    def _abs(self, relpath: str) -> str:
+        return f"{self.root}/{relpath}"
+
+    def join(self, relpath: str) -> str:
+        return f"{self.url}/{relpath}"
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[str]:
+        path = tempfile.mkdtemp(prefix="checkpoint_hooks-")
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+        for rel in relpaths:
+            self.fs.put_file(os.path.join(staging_dir, *rel.split("/")), self._abs(rel))
+
+    def read_bytes(self, relpath: str) -> bytes | None:
+        try:
+            data = self.fs.cat_file(self._abs(relpath))
+        except FileNotFoundError:
+            return None
+        return bytes(data)
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        self.fs.pipe_file(self._abs(relpath), data)
+
+    def remove(self, relpath: str) -> None:
+        path = self._abs(relpath)
+        try:
+            if self.fs.isdir(path):
+                self.fs.rm(path, recursive=True)
+            else:
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def list_files(self) -> list[str]:
+        try:
+            paths = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        prefix = self.root + "/"
+        return sorted(p[len(prefix) :] for p in paths if p.startswith(prefix))
+
+    def exists(self, relpath: str) -> bool:
+        return bool(self.fs.exists(self._abs(relpath)))
+
+    @contextlib.contextmanager
+    def open_read(self, relpath: str) -> Iterator[IO[bytes]]:
+        with self.fs.open(self._abs(relpath), "rb") as f:
+            yield f
+
+    @contextlib.contextmanager
+    def local_path(self, relpath: str) -> Iterator[str]:
+        tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-")
+        try:
+            target = os.path.join(tmp, *relpath.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get(self._abs(relpath), target, recursive=True)
+            yield target
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def cleanup_staging(self) -> list[str]:
+        return []  # staging is local and temporary; uncommitted uploads are found through the manifest
+
+
+def open_store(dirpath: str) -> LocalStore | FsspecStore:
+    """The store for a local path or an fsspec URL."""
+    return FsspecStore(dirpath) if is_url(dirpath) else LocalStore(dirpath)

@@ -1,0 +1,266 @@
+"""The engine against an in-memory store (exact calls) and against real temp directories."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from checkpoint_hooks import CheckpointPolicy
+from checkpoint_hooks.core import Engine, ManifestError, MonitorError, SaveError
+from checkpoint_hooks.core.records import BEST, LAST, SNAPSHOT
+from tests.fakes import FakeStore
+
+EXT = {"training_state": ".ckpt", "weights": ".pt", "model": ".model"}
+
+
+def write_bytes(item, path):
+    with open(path, "wb") as f:
+        f.write(f"{item.name}:{item.format}".encode() * 10)
+
+
+def engine(store=None, **kw):
+    kw.setdefault("monitor", "val_loss")
+    dirpath = kw.pop("dirpath", "unused")
+    return Engine(CheckpointPolicy(dirpath=dirpath, **kw), extensions=EXT, store=store)
+
+
+def test_commit_happens_before_prune_and_sidecar_before_payload():
+    store = FakeStore()
+    e = engine(store, top_k=1, last=False)
+    assert e.start() is None
+    store.calls.clear()
+    e.save(0, 10, {"val_loss": 0.5}, write_bytes)
+    assert store.calls == [
+        ("put", "epoch=000-val_loss=0.5000.meta.json"),
+        ("put", "epoch=000-val_loss=0.5000.ckpt"),
+        ("write", "manifest.json"),
+    ]
+    store.calls.clear()
+    e.save(1, 20, {"val_loss": 0.4}, write_bytes)
+    assert store.calls == [
+        ("put", "epoch=001-val_loss=0.4000.meta.json"),
+        ("put", "epoch=001-val_loss=0.4000.ckpt"),
+        ("write", "manifest.json"),
+        ("remove", "epoch=000-val_loss=0.5000.ckpt"),
+        ("remove", "epoch=000-val_loss=0.5000.meta.json"),
+    ]
+    store.calls.clear()
+    e.save(2, 30, {"val_loss": 0.9}, write_bytes)  # not better: nothing written at all
+    assert store.calls == []
+
+
+def test_weights_format_writes_a_separate_training_state_for_last():
+    store = FakeStore()
+    e = engine(store, top_k=1, format="weights")
+    e.start()
+    records = e.save(0, 5, {"val_loss": 1.0}, write_bytes)
+    assert [(r.name, r.format, sorted(r.roles)) for r in records] == [
+        ("epoch=000-val_loss=1.0000", "weights", [BEST]),
+        ("last-epoch=000-step=5", "training_state", [LAST]),
+    ]
+    # both are committed by one manifest write
+    # fit start wrote the empty manifest; the save commits both records with one more write
+    assert store.calls.count(("write", "manifest.json")) == 2
+    e.save(1, 10, {"val_loss": 2.0}, write_bytes)
+    names = sorted(r.name for r in e.manifest.records)
+    assert names == ["epoch=000-val_loss=1.0000", "last-epoch=001-step=10"]
+
+
+def test_manifest_records_what_the_issue_lists():
+    store = FakeStore()
+    e = engine(store, top_k=2, snapshots={"every_n_epochs": 1})
+    e.start()
+    e.save(0, 7, {"val_loss": float("nan"), "acc": 0.5, "note": "text"}, write_bytes)
+    data = json.loads(store.files["manifest.json"])
+    (record,) = data["records"]
+    assert record["epoch"] == 0 and record["step"] == 7
+    assert record["metrics"] == {"val_loss": "NaN", "acc": 0.5}
+    assert record["tags"] == ["best", "last", "snapshot"]
+    assert record["format"] == "training_state"
+    assert record["files"][0]["path"] == "epoch=000-val_loss=nan.ckpt"
+    assert record["files"][0]["checksum"].startswith("xxh3_128:")
+    assert record["bytes"] == record["files"][0]["bytes"] > 0
+    assert record["created"] > 0
+    assert data["policy"]["top_k"] == 2
+
+
+def test_writer_failing_halfway_commits_nothing(tmp_path):
+    e = engine(dirpath=str(tmp_path), top_k=2)
+    e.start()
+    e.save(0, 1, {"val_loss": 1.0}, write_bytes)
+    before = sorted(os.listdir(tmp_path))
+    manifest_before = (tmp_path / "manifest.json").read_bytes()
+
+    def half(item, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SaveError, match=r"No space left on device.*nothing of it was committed"):
+        e.save(1, 2, {"val_loss": 0.5}, half)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "manifest.json").read_bytes() == manifest_before
+    assert e.directory.verify() == []
+    e.close()
+
+
+def test_on_save_error_warn_keeps_training(tmp_path, caplog):
+    e = engine(dirpath=str(tmp_path), on_save_error="warn")
+    e.start()
+
+    def broken(item, path):
+        raise PermissionError(13, "Permission denied")
+
+    assert e.save(0, 1, {"val_loss": 1.0}, broken) == []
+    assert "Permission denied" in caplog.text and "training goes on" in caplog.text
+    e.close()
+
+
+def test_publish_failing_midway_leaves_no_committed_record():
+    store = FakeStore()
+    e = engine(store, format="weights")
+    e.start()
+    store.fail_publish_after = 2  # the first item's sidecar and payload land, the second item fails
+    with pytest.raises(SaveError):
+        e.save(0, 1, {"val_loss": 1.0}, write_bytes)
+    assert e.manifest.records == []
+    # the next start cleans what was published without a commit
+    e.close()
+    store.fail_publish_after = None
+    e2 = engine(store, format="weights")
+    e2.start()
+    assert store.list_files() == [".checkpoint_hooks.lock", "manifest.json"]
+
+
+def test_resume_picks_newest_verified_and_skips_corrupt(tmp_path, caplog):
+    e = engine(dirpath=str(tmp_path), top_k=3)
+    e.start()
+    for epoch, loss in enumerate([0.5, 0.4, 0.3]):
+        e.save(epoch, epoch, {"val_loss": loss}, write_bytes)
+    newest = e.last_record
+    e.close()
+    with open(tmp_path / newest.primary_path, "r+b") as f:
+        f.write(b"X")
+    e2 = engine(dirpath=str(tmp_path), top_k=3)
+    resumed = e2.start()
+    assert resumed.epoch == 1
+    assert f"skipping checkpoint {tmp_path / newest.primary_path}" in caplog.text
+    # the corrupt newer record left the manifest, retention continues from epoch 1's state
+    assert [r.epoch for r in e2.run_records()] == [0, 1]
+    assert LAST in e2.run_records()[-1].tags
+    e2.close()
+
+
+def test_resume_never_starts_a_new_run_and_leaves_old_records(tmp_path):
+    e = engine(dirpath=str(tmp_path), top_k=1)
+    e.start()
+    e.save(0, 0, {"val_loss": 0.1}, write_bytes)
+    e.close()
+    e2 = engine(dirpath=str(tmp_path), top_k=1, resume="never")
+    assert e2.start() is None
+    e2.save(0, 0, {"val_loss": 0.9}, write_bytes)
+    e2.save(1, 1, {"val_loss": 0.8}, write_bytes)
+    names = sorted(r.name for r in e2.manifest.records)
+    # the earlier run's checkpoint is untouched; the new run's name got a version suffix
+    assert names == ["epoch=000-val_loss=0.1000", "epoch=001-val_loss=0.8000"]
+    e2.close()
+
+
+def test_retention_state_survives_resume(tmp_path):
+    values = [0.5, 0.2, 0.4, 0.3, 0.1, 0.6]
+    full = engine(dirpath=str(tmp_path / "a"), top_k=2)
+    full.start()
+    for epoch, v in enumerate(values):
+        full.save(epoch, epoch, {"val_loss": v}, write_bytes)
+    split = engine(dirpath=str(tmp_path / "b"), top_k=2)
+    split.start()
+    for epoch, v in enumerate(values[:3]):
+        split.save(epoch, epoch, {"val_loss": v}, write_bytes)
+    split.close()
+    resumed = engine(dirpath=str(tmp_path / "b"), top_k=2)
+    assert resumed.start().epoch == 2
+    for epoch, v in enumerate(values[3:], start=3):
+        resumed.save(epoch, epoch, {"val_loss": v}, write_bytes)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+    assert [(r.name, r.tags) for r in full.run_records()] == [(r.name, r.tags) for r in resumed.run_records()]
+
+
+def test_missing_monitor_skips_top_k_but_keeps_last():
+    store = FakeStore()
+    e = engine(store, top_k=1, snapshots={"every_n_epochs": 1})
+    e.start()
+    records = e.save(0, 0, {"loss": 1.0}, write_bytes)
+    assert records[0].roles == frozenset({LAST, SNAPSHOT})
+    with pytest.raises(MonitorError, match=r"monitor='val_loss' is not among the logged metrics \(loss\)"):
+        e.require_monitor({"loss": 1.0})
+
+
+def test_corrupt_manifest_is_refused_not_replaced(tmp_path):
+    e = engine(dirpath=str(tmp_path))
+    e.start()
+    e.save(0, 0, {"val_loss": 1.0}, write_bytes)
+    e.close()
+    (tmp_path / "manifest.json").write_text('{"format": "checkpoint_hooks.manifest", "records": [{"name"')
+    with pytest.raises(ManifestError, match="is corrupt.*verify --repair"):
+        engine(dirpath=str(tmp_path)).start()
+    assert (tmp_path / "manifest.json").read_text().endswith('"name"')
+
+
+def test_missing_manifest_with_checkpoints_is_refused_and_repairable(tmp_path):
+    e = engine(dirpath=str(tmp_path), top_k=2)
+    e.start()
+    e.save(0, 0, {"val_loss": 1.0}, write_bytes)
+    e.save(1, 1, {"val_loss": 0.5}, write_bytes)
+    e.close()
+    original = {r.name: r for r in e.manifest.records}
+    os.remove(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match="is missing but 2 checkpoint"):
+        engine(dirpath=str(tmp_path)).start()
+    rebuilt, skipped = e.directory.rebuild()
+    assert skipped == []
+    assert {r.name: (r.epoch, r.step, dict(r.metrics), r.files) for r in rebuilt.records} == {
+        n: (r.epoch, r.step, dict(r.metrics), r.files) for n, r in original.items()
+    }
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(SaveError, match="format='model' is not available here; use one of training_state, weights"):
+        Engine(CheckpointPolicy(format="model"), extensions={"training_state": ".ckpt", "weights": ".pt"}, store=FakeStore())
+
+
+def test_dirpath_that_is_a_file(tmp_path):
+    from checkpoint_hooks import PolicyError
+
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(PolicyError, match="is a file, not a directory"):
+        Engine(CheckpointPolicy(dirpath=str(target)), extensions=EXT)
+
+
+def test_state_dict_and_explicit_resume_of_an_older_record_forks(tmp_path, caplog):
+    e = engine(dirpath=str(tmp_path), top_k=-1)
+    e.start()
+    for epoch in range(3):
+        e.save(epoch, epoch, {"val_loss": 1.0 - epoch / 10}, write_bytes)
+    state = e.state_dict()
+    assert state["best_model_score"] == pytest.approx(0.8)
+    assert state["best_model_path"].endswith("epoch=002-val_loss=0.8000.ckpt")
+    assert len(state["best_k_models"]) == 3
+    e.close()
+    e2 = engine(dirpath=str(tmp_path), top_k=-1, resume="never")
+    e2.start()
+    first = e2.manifest.records[0]
+    e2.load_state_dict({"record": first.name})
+    assert e2.run != first.run and "stay untouched" in caplog.text
+    assert len(e2.manifest.records) == 3
+
+
+def test_non_writer_rank_writes_nothing(tmp_path):
+    calls = []
+    e = Engine(CheckpointPolicy(dirpath=str(tmp_path / "x")), extensions=EXT, is_writer=False)
+    assert e.start() is None
+    e.execute(e.plan(0, 0, {}), lambda item, path: calls.append(item.name))
+    assert calls == ["epoch=000-step=0"]
+    assert not (tmp_path / "x").exists()
