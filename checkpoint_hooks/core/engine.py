@@ -154,33 +154,50 @@ class Engine:
     # -- fit start --------------------------------------------------------------------
 
     def start(self) -> Record | None:
-        """Lock the directory, clean what interrupted saves left, and pick the run to continue.
+        """Open the directory and pick the run to continue (`policy.resume == "auto"`) or start a new one.
 
         Returns the record to resume from (already verified), or None to start fresh.
         """
         if self._started:
             return self.resumed_from
+        self.open()
+        record = self.find_resume() if self.is_writer and self.policy.resume == "auto" else None
+        if record is not None:
+            self.adopt(record)
+        else:
+            self.start_fresh()
+        return record
+
+    def open(self) -> None:
+        """Lock the directory, read its manifest and clean what interrupted saves left behind.
+
+        Adapters whose framework restores callback state before training starts call
+        this first, then `adopt` (or `start_fresh`) once they know where the run begins.
+        """
+        if self._started:
+            return
         self._started = True
         if not self.is_writer:
-            return None
+            return
         self._lock = DirectoryLock(self.store)
         self._lock.acquire()
         try:
             self.manifest = self.directory.load()
             self.directory.clean_uncommitted(self.manifest)
-            record = self._find_resume() if self.policy.resume == "auto" else None
         except BaseException:
             self.close()
             raise
-        if record is not None:
-            self.adopt(record)
-        else:
-            self._start_fresh()
-        return record
 
-    def _start_fresh(self) -> None:
+    @property
+    def run_decided(self) -> bool:
+        return bool(self.run)
+
+    def start_fresh(self) -> None:
+        """Begin a new run; checkpoints of earlier runs in the directory stay untouched."""
         self.run = uuid.uuid4().hex[:12]
         self.resumed_from = None
+        if not self.is_writer:
+            return
         if self.manifest.records:
             log.warning(
                 "%s holds %d checkpoint(s) of earlier runs; they stay untouched and this run keeps its own",
@@ -195,7 +212,8 @@ class Engine:
         found = [r for r in self.manifest.records if r.format in self.resumable_formats]
         return sorted(found, key=lambda r: -r.seq)
 
-    def _find_resume(self) -> Record | None:
+    def find_resume(self) -> Record | None:
+        """The newest resumable record whose files verify; corrupt ones are skipped with a warning."""
         for record in self.resume_candidates():
             problems = self.directory.verify_record(record, checksums=self.policy.verify)
             if not problems:
@@ -324,6 +342,8 @@ class Engine:
         """Write the plan's items, commit them in one manifest write, then prune."""
         if not plan:
             return []
+        if not self.run_decided:
+            self.start_fresh()
         if not self.is_writer:
             # Other ranks still call the writer: some frameworks gather state collectively.
             with tempfile.TemporaryDirectory(prefix="checkpoint_hooks-rank-") as scratch:

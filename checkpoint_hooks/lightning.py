@@ -1,0 +1,379 @@
+"""PyTorch Lightning adapter: `BestCheckpoint`, a `ModelCheckpoint` driven by the shared policy.
+
+    from checkpoint_hooks.lightning import BestCheckpoint
+    trainer = Trainer(callbacks=[BestCheckpoint(monitor="val_loss")])
+    trainer.fit(model)      # run the same script again after a crash: it continues
+
+The class derives from the `ModelCheckpoint` of every Lightning namespace installed
+(`lightning.pytorch` and `pytorch_lightning`), so one class works with either Trainer,
+is found as `trainer.checkpoint_callback`, and keeps Lightning from adding its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
+from checkpoint_hooks.core.directory import CheckpointDirectory
+from checkpoint_hooks.core.errors import MonitorError
+from checkpoint_hooks.core.store import is_url
+from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
+
+log = logging.getLogger("checkpoint_hooks")
+
+EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt", "model": ".model.pt"}
+RNG_KEY = "checkpoint_hooks_rng"
+
+
+def _model_checkpoint_bases() -> tuple[type, ...]:
+    bases = []
+    for module in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
+        try:
+            bases.append(__import__(module, fromlist=["ModelCheckpoint"]).ModelCheckpoint)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "checkpoint_hooks.lightning needs PyTorch Lightning: pip install 'checkpoint-hooks[lightning]'"
+        )
+    return tuple(bases)
+
+
+_BASES = _model_checkpoint_bases()
+
+# ModelCheckpoint arguments with no equivalent in the policy yet: refused rather than ignored.
+_UNSUPPORTED = ("every_n_train_steps", "train_time_interval", "save_on_train_epoch_end", "save_on_exception")
+
+
+def lightning_filename(template: str) -> str:
+    """Lightning's `auto_insert_metric_name`: '{epoch}-{val_loss:.2f}' -> 'epoch={epoch}-val_loss={val_loss:.2f}'."""
+
+    def insert(match: re.Match[str]) -> str:
+        start = match.start()
+        name = match.group(1)
+        if template[max(0, start - len(name) - 1) : start] == name + "=":
+            return match.group(0)
+        return f"{name}={match.group(0)}"
+
+    return re.sub(r"\{([^{}:!]+)(?:[:!][^{}]*)?\}", insert, template)
+
+
+def _collect_rng() -> dict[str, Any]:
+    version, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # a tensor, not an ndarray: Lightning loads checkpoints with weights_only=True
+        "numpy": (version, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, inner, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    return value
+
+
+class BestCheckpoint(*_BASES):  # type: ignore[misc]
+    """Keeps the best checkpoints by a monitored metric, snapshots and a rolling last; resumes automatically.
+
+    Args:
+        monitor: logged metric to rank by (read from `trainer.callback_metrics`).
+        policy: a `CheckpointPolicy`, a dict, or a YAML path; keyword arguments override its fields.
+        dirpath: where checkpoints go (local path or fsspec URL); default `<default_root_dir>/checkpoints`.
+        filename: Lightning-style template; with `auto_insert_metric_name` '{epoch}' becomes 'epoch={epoch}'.
+        save_top_k, save_last, every_n_epochs, save_weights_only, verbose, mode: ModelCheckpoint's
+            spellings, mapped onto the policy's `top_k`, `last`, `snapshots.every_n_epochs`,
+            `format="weights"`, `verbose` and `mode`.
+        **policy_fields: any other policy field (top_k, min_delta, format, snapshots, resume, ...).
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        *,
+        policy: CheckpointPolicy | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
+        filename: str | None = None,
+        mode: str | None = None,
+        save_top_k: int | None = None,
+        save_last: bool | str | None = None,
+        every_n_epochs: int | None = None,
+        save_weights_only: bool | None = None,
+        verbose: bool | None = None,
+        auto_insert_metric_name: bool = True,
+        **policy_fields: Any,
+    ) -> None:
+        for name in _UNSUPPORTED:
+            if name in policy_fields:
+                raise PolicyError(
+                    f"BestCheckpoint does not support {name} yet. Received: {name}={policy_fields[name]!r}; "
+                    "remove it, or use Lightning's ModelCheckpoint for that trigger"
+                )
+        if save_last == "link":
+            save_last = True  # the rolling last is a file of its own; there is nothing to link
+        if save_top_k is not None and "top_k" in policy_fields:
+            raise PolicyError("give save_top_k or top_k, not both. Received: save_top_k and top_k")
+        overrides: dict[str, Any] = dict(policy_fields)
+        mapped = {
+            "monitor": monitor,
+            "dirpath": os.fspath(dirpath) if dirpath is not None else None,
+            "filename": lightning_filename(filename) if filename and auto_insert_metric_name else filename,
+            "mode": mode,
+            "top_k": save_top_k,
+            "last": save_last,
+            "verbose": verbose,
+            "format": "weights" if save_weights_only else None,
+        }
+        overrides.update({k: v for k, v in mapped.items() if v is not None})
+        if every_n_epochs is not None:
+            overrides["snapshots"] = {"every_n_epochs": every_n_epochs or None}
+        resolved = load_policy(policy, **overrides)
+        # Without a dirpath of its own the directory lives under trainer.default_root_dir, stable
+        # across runs (Lightning's versioned log folders would hide the previous run from resume).
+        self._dirpath_given = resolved.dirpath != CheckpointPolicy.model_fields["dirpath"].default
+        super().__init__(
+            dirpath=None,
+            monitor=resolved.monitor,
+            verbose=resolved.verbose,
+            save_last=resolved.last,
+            save_top_k=resolved.top_k,
+            save_weights_only=resolved.format == "weights",
+            mode=resolved.resolved_mode,
+        )
+        self.policy = resolved
+        self._engine: Engine | None = None
+        self._trainer: Any = None
+        self._pending_rng: list[Any] | None = None
+        self._validated_epoch = -1
+        self._ever_validated = False
+        self._missing_warned = False
+        self._model_warned = False
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> BestCheckpoint:
+        """A callback from a YAML policy file; keyword arguments override its fields."""
+        return cls(policy=os.fspath(path), **overrides)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    # -- setup and resume -------------------------------------------------------------
+
+    def _resolve_dirpath(self, trainer: Any) -> str:
+        dirpath = self.policy.dirpath
+        if not self._dirpath_given and not is_url(dirpath) and not os.path.isabs(dirpath):
+            dirpath = os.path.join(trainer.default_root_dir, dirpath)
+        return dirpath
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        if self._engine is not None:
+            self._engine.close()
+        dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
+        policy = self.policy.model_copy(update={"dirpath": dirpath})
+        self._engine = Engine(policy, extensions=EXTENSIONS, is_writer=trainer.is_global_zero)
+        self.dirpath = self._engine.directory.url
+        self._engine.open()
+        self._validated_epoch, self._ever_validated = -1, False
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        if trainer.ckpt_path is None:
+            path = self._choose_resume(engine) if trainer.is_global_zero else None
+            path = trainer.strategy.broadcast(path)
+            if path:
+                # Lightning resolves ckpt_path before any callback runs; this is the one place a
+                # callback can still hand it a checkpoint: the Trainer restores loops, optimizers and
+                # schedulers from it right after on_fit_start.
+                trainer._checkpoint_connector._restore_modules_and_callbacks(path)
+        if not engine.run_decided:
+            engine.start_fresh()  # the user's own ckpt_path, or one not in this directory
+        if self._pending_rng:
+            # Last thing before the first epoch's data loader draws its shuffling seed.
+            states = self._pending_rng
+            _restore_rng(states[trainer.global_rank] if trainer.global_rank < len(states) else states[0])
+            self._pending_rng = None
+        self._sync(trainer)
+
+    def _choose_resume(self, engine: Engine) -> str | None:
+        resume = self.policy.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            record = engine.find_resume()
+            if record is None:
+                return None
+            engine.adopt(record)
+            return engine.local_path(record)
+        record = engine.find_record(resume)
+        if record is not None:
+            engine.adopt(record, discard_newer=False)
+            return engine.local_path(record)
+        if not os.path.exists(resume) and not is_url(resume):
+            raise PolicyError(f"resume points at a checkpoint that does not exist. Received: resume={resume!r}")
+        return resume
+
+    # -- saving -----------------------------------------------------------------------
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+            self._ever_validated = True
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass  # step triggers are not part of the policy yet
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        pass  # the rolling last was saved at the final epoch end
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        engine = self._engine
+        if engine is None or trainer.sanity_checking:
+            return
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        monitor = self.policy.monitor
+        if monitor is not None:
+            if monitor not in metrics:
+                self._missing_monitor(trainer, metrics)
+            elif self._ever_validated and self._validated_epoch != trainer.current_epoch:
+                # Validation skipped this epoch: its values are from an earlier one, so do not rank them.
+                metrics.pop(monitor)
+        plan = engine.plan(trainer.current_epoch, trainer.global_step, metrics) if trainer.is_global_zero else None
+        plan = trainer.strategy.broadcast(plan)
+        if plan:
+            self._execute(engine, plan, trainer, pl_module)
+        self._sync(trainer)
+
+    def _missing_monitor(self, trainer: Any, metrics: Mapping[str, Any]) -> None:
+        assert self._engine is not None
+        try:
+            self._engine.require_monitor(metrics)
+        except MonitorError as exc:
+            if trainer.fit_loop.epoch_loop.val_loop._has_run:
+                raise
+            if not self._missing_warned:
+                self._missing_warned = True
+                log.warning("%s; skipping top-k until it appears", exc)
+
+    def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any) -> None:
+        def write(item: SaveItem, path: str) -> None:
+            if item.format == TRAINING_STATE:
+                trainer.save_checkpoint(path)  # every rank: the strategy gathers state, rank zero writes
+            elif trainer.is_global_zero:
+                if item.format == "weights":
+                    torch.save(pl_module.state_dict(), path)
+                else:
+                    if not self._model_warned:
+                        self._model_warned = True
+                        log.warning(
+                            "format='model' pickles the %s class: loading needs that class importable at the "
+                            "same module path, and torch.load(..., weights_only=False)",
+                            type(pl_module).__name__,
+                        )
+                    torch.save(pl_module, path)
+
+        engine.execute(plan, write)
+
+    # -- ModelCheckpoint's public attributes ---------------------------------------------
+
+    def _sync(self, trainer: Any) -> None:
+        """Mirror the engine's view into ModelCheckpoint's attributes, identical on every rank."""
+        summary = None
+        if trainer.is_global_zero and self._engine is not None:
+            engine = self._engine
+            ranked = engine.top_k_records()
+            monitor = self.policy.monitor
+            summary = {
+                "best_k_models": {engine.path_of(r): r.score(monitor) for r in ranked},
+                "best_model_path": engine.path_of(ranked[0]) if ranked else "",
+                "best_model_score": ranked[0].score(monitor) if ranked else None,
+                "kth_best_model_path": engine.path_of(ranked[-1]) if ranked else "",
+                "kth_value": ranked[-1].score(monitor) if ranked else None,
+                "last_model_path": engine.path_of(engine.last_record) if engine.last_record else "",
+            }
+        summary = trainer.strategy.broadcast(summary)
+        if summary is None:
+            return
+
+        def tensor(value: float | None) -> torch.Tensor | None:
+            return None if value is None else torch.tensor(value)
+
+        self.best_k_models = {path: tensor(score) for path, score in summary["best_k_models"].items()}
+        self.best_model_path = summary["best_model_path"]
+        self.best_model_score = tensor(summary["best_model_score"])
+        self.kth_best_model_path = summary["kth_best_model_path"]
+        self.kth_value = tensor(summary["kth_value"])
+        self.last_model_path = summary["last_model_path"]
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        """What `trainer.fit(ckpt_path="last")` loads: the newest committed training state."""
+        directory = CheckpointDirectory(self._resolve_dirpath(trainer))
+        manifest = directory.read_manifest()
+        if manifest is None:
+            return set()
+        resumable = [r for r in manifest.records if r.format == TRAINING_STATE]
+        if not resumable:
+            return set()
+        newest = max(resumable, key=lambda r: r.seq)
+        return {directory.store.join(newest.primary_path)}
+
+    # -- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._engine.state_dict() if self._engine is not None and self._engine.is_writer else {}
+        state["monitor"] = self.policy.monitor
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._engine is not None:
+            self._engine.load_state_dict(state_dict)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        states = [None] * trainer.world_size
+        mine = _collect_rng()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        checkpoint[RNG_KEY] = states
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng = checkpoint.get(RNG_KEY)
+
+    # -- end --------------------------------------------------------------------------
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    def _close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def __repr__(self) -> str:
+        return f"BestCheckpoint(monitor={self.policy.monitor!r}, dirpath={self.policy.dirpath!r}, top_k={self.policy.top_k})"

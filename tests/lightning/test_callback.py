@@ -1,0 +1,204 @@
+"""BestCheckpoint in real Lightning fits: parity with ModelCheckpoint, spellings, formats, attributes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+
+import lightning.pytorch as LP
+import pytest
+import torch
+
+from checkpoint_hooks import CheckpointPolicy, PolicyError
+from checkpoint_hooks.core.errors import MonitorError
+from checkpoint_hooks.lightning import BestCheckpoint, lightning_filename
+from tests.lightning.models import loader, make_module, trainer
+
+NAN = float("nan")
+
+
+def fit(L, cb, epochs, module=None, **kw):
+    t = trainer(L, [cb], epochs, **kw)
+    t.fit(module or make_module(L), loader(), loader())
+    return t
+
+
+def manifest(path):
+    with open(os.path.join(path, "manifest.json")) as f:
+        return json.load(f)
+
+
+def kept_epochs(path, tag="best"):
+    return sorted(r["epoch"] for r in manifest(path)["records"] if tag in r["tags"])
+
+
+@pytest.mark.parametrize(
+    "values, k, mode",
+    [
+        ([3.0, 1.0, 2.0, 0.5, 4.0, 0.7], 2, "min"),
+        ([1.0, 1.0, 1.0, NAN, 0.5, 1.0], 2, "min"),
+        ([NAN, 1.0, 2.0, 2.0, 0.1], 3, "max"),
+        ([0.2, 0.4, 0.4, 0.1, 0.9, 0.9], 1, "max"),
+    ],
+)
+def test_top_k_keeps_what_model_checkpoint_keeps(tmp_path, values, k, mode):
+    reference = LP.callbacks.ModelCheckpoint(dirpath=tmp_path / "mc", monitor="val_metric", mode=mode, save_top_k=k)
+    fit(LP, reference, len(values), make_module(LP, scripted=values))
+    theirs = sorted(int(re.match(r"epoch=(\d+)", n).group(1)) for n in os.listdir(tmp_path / "mc"))
+    ours = BestCheckpoint(monitor="val_metric", mode=mode, dirpath=tmp_path / "bc", save_top_k=k, save_last=False)
+    fit(LP, ours, len(values), make_module(LP, scripted=values))
+    assert kept_epochs(tmp_path / "bc") == theirs
+    best_theirs = reference.best_model_score.item()
+    assert (ours.best_model_score.item() == best_theirs) or (math.isnan(best_theirs) and ours.best_model_score is None)
+
+
+def test_both_namespaces_find_it_as_their_checkpoint_callback(tmp_path, L):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "ckpt")
+    t = fit(L, cb, 2, default_root_dir=tmp_path)
+    assert t.checkpoint_callback is cb
+    assert t.checkpoint_callbacks == [cb]  # Lightning added no ModelCheckpoint of its own
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert kept_epochs(tmp_path / "ckpt") == [1] or kept_epochs(tmp_path / "ckpt") == [0]
+    assert kept_epochs(tmp_path / "ckpt", "last") == [1]
+
+
+def test_default_dirpath_is_stable_under_default_root_dir(tmp_path):
+    cb = BestCheckpoint(monitor="val_loss")
+    fit(LP, cb, 1, default_root_dir=tmp_path)
+    assert cb.dirpath == str(tmp_path / "checkpoints")
+    assert cb.best_model_path.startswith(str(tmp_path / "checkpoints") + "/epoch=000-val_loss=")
+
+
+def test_model_checkpoint_spellings_map_onto_the_policy(tmp_path):
+    cb = BestCheckpoint(
+        monitor="val_loss", dirpath=tmp_path, filename="{epoch}-{val_loss:.2f}", save_top_k=2,
+        save_last=False, every_n_epochs=2, save_weights_only=True, verbose=True,
+    )
+    p = cb.policy
+    assert (p.top_k, p.last, p.snapshots.every_n_epochs, p.format, p.verbose) == (2, False, 2, "weights", True)
+    assert p.filename == "epoch={epoch}-val_loss={val_loss:.2f}"
+    fit(LP, cb, 4)
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+    assert all(re.fullmatch(r"epoch=\d-val_loss=\d+\.\d\d\.weights\.pt", n) for n in names), names
+    assert kept_epochs(tmp_path, "snapshot") == [1, 3]
+    assert kept_epochs(tmp_path, "last") == []
+
+
+def test_lightning_filename():
+    assert lightning_filename("{epoch}-{step}") == "epoch={epoch}-step={step}"
+    assert lightning_filename("epoch={epoch}-{val_loss:.3f}") == "epoch={epoch}-val_loss={val_loss:.3f}"
+
+
+def test_unsupported_and_contradicting_arguments():
+    with pytest.raises(PolicyError, match="does not support every_n_train_steps yet. Received: every_n_train_steps=5"):
+        BestCheckpoint(monitor="val_loss", every_n_train_steps=5)
+    with pytest.raises(PolicyError, match="give save_top_k or top_k"):
+        BestCheckpoint(monitor="val_loss", save_top_k=2, top_k=3)
+    with pytest.raises(PolicyError, match="top_k=3 needs a monitor"):
+        BestCheckpoint(save_top_k=3)
+    with pytest.raises(PolicyError, match="unknown field 'topk'; did you mean 'top_k'"):
+        BestCheckpoint(monitor="val_loss", topk=3)
+
+
+def test_missing_monitor_raises_after_validation_listing_keys(tmp_path):
+    cb = BestCheckpoint(monitor="val_acc", dirpath=tmp_path)
+    with pytest.raises(MonitorError) as info:
+        fit(LP, cb, 2)
+    message = str(info.value)
+    assert "monitor='val_acc' is not among the logged metrics" in message
+    assert "train_loss" in message and "val_loss" in message
+
+
+def test_attributes_and_ckpt_path_best_and_last(tmp_path):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=2)
+    t = fit(LP, cb, 3)
+    records = {r["name"]: r for r in manifest(tmp_path)["records"]}
+    best = min((r for r in records.values() if "best" in r["tags"]), key=lambda r: r["metrics"]["val_loss"])
+    assert cb.best_model_path == str(tmp_path / best["files"][0]["path"])
+    assert cb.best_model_score.item() == pytest.approx(best["metrics"]["val_loss"])
+    assert set(cb.best_k_models) == {str(tmp_path / r["files"][0]["path"]) for r in records.values() if "best" in r["tags"]}
+    assert cb.kth_best_model_path in cb.best_k_models
+    last = next(r for r in records.values() if "last" in r["tags"])
+    assert cb.last_model_path == str(tmp_path / last["files"][0]["path"]) and last["epoch"] == 2
+    t.test(ckpt_path="best", dataloaders=loader(), verbose=False)
+    assert t.ckpt_path == cb.best_model_path
+    # ckpt_path="last" in a fresh process-like setup: a new trainer and callback find our last checkpoint
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=2, resume="never")
+    t2 = trainer(LP, [cb2], 4)
+    t2.fit(make_module(LP), loader(), loader(), ckpt_path="last")
+    assert t2.ckpt_path == cb.last_model_path
+    assert t2.global_step == 16  # 3 epochs restored + 1 trained, 4 batches each
+
+
+@pytest.mark.parametrize("fmt", ["weights", "model", "training_state"])
+def test_save_kinds_load_back(tmp_path, fmt, caplog):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, format=fmt)
+    module = make_module(LP)
+    fit(LP, cb, 1, module)
+    path = cb.best_model_path
+    if fmt == "weights":
+        assert path.endswith(".weights.pt")
+        state = torch.load(path, weights_only=True)
+        fresh = make_module(LP)
+        fresh.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), module.state_dict().values()))
+        # the rolling last is still a full training state
+        assert cb.last_model_path.endswith(".ckpt") and "optimizer_states" in torch.load(cb.last_model_path, weights_only=False)
+    elif fmt == "model":
+        assert path.endswith(".model.pt")
+        loaded = torch.load(path, weights_only=False)
+        assert type(loaded).__name__ == "TinyLP"
+        assert torch.equal(loaded.net[0].weight, module.net[0].weight)
+        assert "format='model' pickles the TinyLP class" in caplog.text
+    else:
+        ckpt = torch.load(path, weights_only=False)
+        assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step"} <= set(ckpt)
+        assert "checkpoint_hooks_rng" in ckpt
+
+
+def test_policy_object_and_yaml(tmp_path):
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(f"dirpath: {tmp_path / 'y'}\nmonitor: val_loss\ntop_k: 2\nsnapshots:\n  every_n_epochs: 1\n  keep: 1\n")
+    cb = BestCheckpoint.from_yaml(policy_file)
+    fit(LP, cb, 3)
+    assert len(kept_epochs(tmp_path / "y")) == 2 and kept_epochs(tmp_path / "y", "snapshot") == [2]
+    cb2 = BestCheckpoint(policy=CheckpointPolicy(dirpath=str(tmp_path / "p"), monitor="val_loss"), top_k=3)
+    assert cb2.policy.top_k == 3 and cb2.policy.dirpath == str(tmp_path / "p")
+
+
+def test_user_ckpt_path_wins_over_auto_resume(tmp_path):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1)
+    fit(LP, cb, 3)
+    first = sorted(cb.best_k_models)[0]  # epoch 0's checkpoint
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1)
+    t = trainer(LP, [cb2], 2)
+    t.fit(make_module(LP), loader(), loader(), ckpt_path=first)
+    assert t.ckpt_path == first and t.global_step == 8  # epoch 0 restored, epoch 1 trained
+
+
+def test_corrupt_newest_is_skipped_with_a_warning(tmp_path, caplog):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1)
+    fit(LP, cb, 3)
+    newest = cb.last_model_path
+    with open(newest, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.INFO, "checkpoint_hooks")
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1, verbose=True)
+    t = fit(LP, cb2, 4)
+    assert f"skipping checkpoint {newest} for resume: " in caplog.text and "checksum mismatch" in caplog.text
+    assert "resuming from" in caplog.text and "epoch=001" in caplog.text
+    assert t.global_step == 16
+    assert kept_epochs(tmp_path) == [0, 1, 2, 3]
+
+
+def test_resume_never_starts_fresh(tmp_path):
+    fit(LP, BestCheckpoint(monitor="val_loss", dirpath=tmp_path), 2)
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, resume="never")
+    t = fit(LP, cb, 1)
+    assert t.global_step == 4

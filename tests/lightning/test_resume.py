@@ -1,0 +1,74 @@
+"""Automatic resume as a user meets it: a training process killed with SIGKILL, the same command run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "tests.lightning.train_script", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def listing(path):
+    with open(os.path.join(path, "manifest.json")) as f:
+        return sorted((r["name"], tuple(r["tags"])) for r in json.load(f)["records"])
+
+
+def assert_same_state(a_path, b_path):
+    a, b = torch.load(a_path), torch.load(b_path)
+    assert a["global_step"] == b["global_step"]
+    assert a["lr"] == b["lr"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_killed_and_rerun_equals_uninterrupted(tmp_path, namespace):
+    full = run_script("--dir", str(tmp_path / "full"), "--epochs", "4", "--out", str(tmp_path / "full.pt"), "--namespace", namespace)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_script("--dir", str(tmp_path / "split"), "--epochs", "4", "--out", str(tmp_path / "split.pt"),
+                        "--namespace", namespace, "--kill-at-epoch", "2")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "split.pt").exists()
+    resumed = run_script("--dir", str(tmp_path / "split"), "--epochs", "4", "--out", str(tmp_path / "split.pt"), "--namespace", namespace)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(tmp_path / "full.pt", tmp_path / "split.pt")
+    # retention went on as if uninterrupted: the same checkpoints, with the same tags
+    assert listing(tmp_path / "full") == listing(tmp_path / "split")
+
+
+def test_without_rng_restore_the_runs_would_differ(tmp_path, monkeypatch):
+    """The comparison above can fail: resuming without the RNG states gives different weights."""
+    full = run_script("--dir", str(tmp_path / "full"), "--epochs", "3", "--out", str(tmp_path / "full.pt"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_script("--dir", str(tmp_path / "split"), "--epochs", "3", "--out", str(tmp_path / "x.pt"), "--kill-at-epoch", "1")
+    # drop the saved RNG states from the checkpoint the rerun resumes from
+    with open(tmp_path / "split" / "manifest.json") as f:
+        last = next(r for r in json.load(f)["records"] if "last" in r["tags"])
+    path = tmp_path / "split" / last["files"][0]["path"]
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["checkpoint_hooks_rng"]
+    torch.save(ckpt, path)
+    manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
+    from checkpoint_hooks.core.hashing import checksum_file
+
+    for record in manifest["records"]:
+        if record["name"] == last["name"]:
+            record["files"][0]["checksum"], record["files"][0]["bytes"] = checksum_file(str(path))
+    (tmp_path / "split" / "manifest.json").write_text(json.dumps(manifest))
+    resumed = run_script("--dir", str(tmp_path / "split"), "--epochs", "3", "--out", str(tmp_path / "split.pt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = torch.load(tmp_path / "full.pt")["state_dict"], torch.load(tmp_path / "split.pt")["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
