@@ -351,18 +351,28 @@ class Engine:
                     write(item, os.path.join(scratch, item.filename))
             return []
         started = time.perf_counter()
+        records: list[Record] = []
         try:
             records = self._write(plan, write)
+            removed = self._commit(records)
         except Exception as exc:
+            self._discard(records)
             error = self._save_error(plan, exc)
             if self.policy.on_save_error == "warn":
                 log.warning("%s; training goes on (on_save_error='warn')", error)
                 return []
             raise error from exc
-        removed = self._commit(records)
         self._log_save(records, time.perf_counter() - started)
         self._prune(removed)
         return records
+
+    def _discard(self, records: Sequence[Record]) -> None:
+        """Remove what a failed save published without a commit (the next start would, too)."""
+        for record in records:
+            try:
+                self.directory.remove_record_files(record)
+            except Exception:  # the failure that got us here may stop this as well
+                pass
 
     def _save_error(self, plan: Plan, exc: Exception) -> SaveError:
         if isinstance(exc, SaveError):
@@ -429,15 +439,21 @@ class Engine:
         return records
 
     def _commit(self, new: Sequence[Record]) -> list[Record]:
+        """Record the new checkpoints and the retention that follows in one manifest write.
+
+        The in-memory manifest changes only once that write succeeded."""
         run_records = self.run_records() + list(new)
         tags = retention.retain(self.policy, run_records)
         kept = [r.with_tags(tags[r.name]) for r in run_records if r.name in tags]
         removed = [r for r in run_records if r.name not in tags]
         others = [r for r in self.manifest.records if r.run != self.run]
-        self.manifest.records = others + kept
-        self.manifest.next_seq = max(self.manifest.next_seq, max(r.seq for r in new) + 1)
-        self.manifest.policy = self.policy.to_dict()
-        self.directory.commit(self.manifest)
+        updated = Manifest(
+            records=others + kept,
+            policy=self.policy.to_dict(),
+            next_seq=max(self.manifest.next_seq, max(r.seq for r in new) + 1),
+        )
+        self.directory.commit(updated)
+        self.manifest = updated
         return removed
 
     def _prune(self, removed: Sequence[Record]) -> None:

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from checkpoint_hooks.core.errors import LockError
+from checkpoint_hooks.core.errors import CheckpointError, LockError
 
 LOCK_NAME = ".checkpoint_hooks.lock"
 log = logging.getLogger("checkpoint_hooks")
@@ -79,9 +79,15 @@ class DirectoryLock:
     def _acquire_local(self) -> None:
         import fcntl
 
-        self.store.ensure()
         path = self.store.join(LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.store.ensure()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoints to {self.store.url!r}: {exc.strerror or exc}; "
+                "point dirpath at a directory this process can write"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -1,0 +1,99 @@
+"""Kill the current process (SIGKILL) at an exact phase of a save, chosen by the CH_FAULT environment variable.
+
+CH_FAULT="phase:n" dies at the n-th time (1-based) the process reaches `phase`:
+  write    a checkpoint file is half written in staging
+  publish  between moving one staged file into place and the next (sidecar there, payload not)
+  commit   after every file is in place, before the manifest names them
+  manifest in the middle of replacing the manifest (temporary file written, not yet renamed)
+  prune    after the first file of a pruned checkpoint is deleted
+Only the training processes of the reliability tests install these; the library has no such hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+from checkpoint_hooks.core import directory as directory_module
+from checkpoint_hooks.core import engine as engine_module
+from checkpoint_hooks.core import store as store_module
+
+_counts: dict[str, int] = {}
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _reached(phase: str, target: str, n: int) -> bool:
+    if phase != target:
+        return False
+    _counts[phase] = _counts.get(phase, 0) + 1
+    return _counts[phase] == n
+
+
+def install(spec: str | None = None) -> None:
+    spec = spec if spec is not None else os.environ.get("CH_FAULT", "")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    n = int(count or 1)
+
+    original_checksum: Callable[..., Any] = engine_module.checksum_file
+
+    def checksum_file(path: str, *args: Any, **kwargs: Any) -> Any:
+        if _reached("write", target, n):
+            size = os.path.getsize(path)
+            os.truncate(path, size // 2)
+            _die()
+        return original_checksum(path, *args, **kwargs)
+
+    engine_module.checksum_file = checksum_file  # type: ignore[assignment]
+
+    original_replace = os.replace
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_replace(src, dst, *args, **kwargs)
+        if str(dst).endswith(".meta.json") and _reached("publish", target, n):
+            _die()
+        return result
+
+    store_module.os.replace = replace  # type: ignore[attr-defined]
+
+    original_put = store_module.FsspecStore.publish
+
+    def put(self: Any, staging_dir: str, relpaths: list[str]) -> None:
+        if target == "publish" and len(relpaths) > 1:
+            original_put(self, staging_dir, relpaths[:1])
+            if _reached("publish", target, n):
+                _die()
+            original_put(self, staging_dir, relpaths[1:])
+            return
+        original_put(self, staging_dir, relpaths)
+
+    store_module.FsspecStore.publish = put  # type: ignore[method-assign]
+
+    original_commit = directory_module.CheckpointDirectory.commit
+
+    def commit(self: Any, manifest: Any) -> None:
+        if manifest.records and _reached("commit", target, n):
+            _die()
+        if manifest.records and self.store.is_local and _reached("manifest", target, n):
+            # the temporary file a replace would have renamed, half written
+            with open(os.path.join(self.store.root, store_module.STAGING_PREFIX + "manifest"), "wb") as f:
+                f.write(manifest.to_bytes()[:50])
+            _die()
+        original_commit(self, manifest)
+
+    directory_module.CheckpointDirectory.commit = commit  # type: ignore[method-assign]
+
+    original_remove = directory_module.CheckpointDirectory.remove_record_files
+
+    def remove_record_files(self: Any, record: Any) -> None:
+        if _reached("prune", target, n):
+            self.store.remove(record.files[0].path)
+            _die()
+        original_remove(self, record)
+
+    directory_module.CheckpointDirectory.remove_record_files = remove_record_files  # type: ignore[method-assign]
