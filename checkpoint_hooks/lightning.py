@@ -15,13 +15,14 @@ import logging
 import os
 import random
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
 from checkpoint_hooks.core.directory import CheckpointDirectory
+from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import MonitorError
 from checkpoint_hooks.core.store import is_url
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
@@ -66,7 +67,7 @@ def lightning_filename(template: str) -> str:
 
 
 def _collect_rng() -> dict[str, Any]:
-    version, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -351,7 +352,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._engine.load_state_dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        states = [None] * trainer.world_size
+        states: list[Any] = [None] * trainer.world_size
         mine = _collect_rng()
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_gather_object(states, mine)

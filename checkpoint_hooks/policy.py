@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import string
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,7 +219,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     # -- YAML -----------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> CheckpointPolicy:
+    def from_yaml(cls, path: str | os.PathLike[str]) -> CheckpointPolicy:
         """Read a policy from a YAML file; errors name the file and the line."""
         path = Path(path)
         try:
@@ -247,13 +249,16 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
 
     def to_yaml(self) -> str:
         """The policy as YAML; `from_yaml_text(p.to_yaml()) == p`."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        text: str = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def load_policy(source: CheckpointPolicy | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> CheckpointPolicy:
+def load_policy(
+    source: CheckpointPolicy | Mapping[str, Any] | str | os.PathLike[str] | None = None, **overrides: Any
+) -> CheckpointPolicy:
     """A policy from a policy object, a mapping, or a YAML file path, with keyword overrides applied on top."""
     if source is None:
         base: dict[str, Any] = {}
@@ -261,8 +266,8 @@ def load_policy(source: CheckpointPolicy | Mapping[str, Any] | str | Path | None
         base = source.model_dump()
     elif isinstance(source, Mapping):
         base = dict(source)
-    elif isinstance(source, (str, Path)):
-        base = CheckpointPolicy.from_yaml(source).model_dump()
+    elif isinstance(source, (str, os.PathLike)):
+        base = CheckpointPolicy.from_yaml(os.fspath(source)).model_dump()
     else:
         raise PolicyError(
             f"policy must be a CheckpointPolicy, a dict or a YAML file path. Received: {type(source).__name__}"

@@ -7,7 +7,8 @@ import io
 import os
 import shutil
 import tempfile
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 
 class FakeStore:

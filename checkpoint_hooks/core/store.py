@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import IO, Iterator, Protocol
+from collections.abc import Iterator
+from typing import IO, Protocol
 
 STAGING_PREFIX = ".staging-"
 
@@ -163,7 +164,7 @@ class LocalStore:
             parent = os.path.dirname(parent)
 
     def list_files(self) -> list[str]:
-        found = []
+        found: list[str] = []
         if not os.path.isdir(self.root):
             return found
         for base, _dirs, files in os.walk(self.root):
@@ -185,7 +186,7 @@ class LocalStore:
         yield self._abs(relpath)
 
     def cleanup_staging(self) -> list[str]:
-        removed = []
+        removed: list[str] = []
         if not os.path.isdir(self.root):
             return removed
         for name in os.listdir(self.root):

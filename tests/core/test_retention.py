@@ -26,8 +26,8 @@ def simulate(policy: CheckpointPolicy, values: list[float | None]) -> list[Recor
         metrics = {} if value is None or policy.monitor is None else {policy.monitor: value}
         new = Record(name=f"e{epoch}", epoch=epoch, step=epoch, format="training_state", metrics=metrics,
                      roles=roles.names(), tags=roles.names(), seq=epoch + 1)
-        tags = retention.retain(policy, records + [new])
-        records = [r.with_tags(tags[r.name]) for r in records + [new] if r.name in tags]
+        tags = retention.retain(policy, [*records, new])
+        records = [r.with_tags(tags[r.name]) for r in [*records, new] if r.name in tags]
     return records
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from checkpoint_hooks.core import directory as directory_module
 from checkpoint_hooks.core import engine as engine_module

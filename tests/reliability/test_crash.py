@@ -4,8 +4,6 @@ The long mode is `python -m tests.reliability.crash --kills 200` (see that modul
 
 from __future__ import annotations
 
-import pytest
-
 from tests.reliability.crash import PHASES, campaign
 
 

@@ -47,7 +47,7 @@ def test_kills_during_upload_leave_nothing_visible_uncommitted(bucket, tmp_path)
 def test_the_checkpoint_a_run_resumed_from_survives_until_superseded(bucket, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     script = [sys.executable, "-m", "tests.reliability.toy_child", "--dir", f"{bucket}/r", "--epochs", "6"]
-    subprocess.run(script[:-1] + ["3"], env=env, check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([*script[:-1], "3"], env=env, check=True, capture_output=True, cwd=ROOT)
     resumed_from = max(CheckpointDirectory(f"{bucket}/r").read_manifest().records, key=lambda r: r.seq)
     # the rerun dies right before its first commit: what it resumed from must still be there, intact
     died = subprocess.run(script, env=dict(env, CH_FAULT="commit:1"), capture_output=True, cwd=ROOT)

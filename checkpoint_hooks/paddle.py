@@ -1,0 +1,663 @@
+"""`BestCheckpoint` for PaddlePaddle's high-level API (`paddle.Model.fit`).
+
+    model.fit(train, eval_data, epochs=10, callbacks=[BestCheckpoint(monitor="val_loss")])
+
+Metric names: hapi logs evaluation values under the training names (`loss`,
+`acc`, ...). Here the training values keep their names and the evaluation
+values of the same epoch get a `val_` prefix, so `monitor="val_loss"` ranks by
+the evaluation loss and `monitor="loss"` by the training loss. Both losses are
+the epoch's mean over batches weighted by batch size (hapi's own logs carry
+only the last batch's loss); other metrics are hapi's epoch aggregates.
+
+Save kinds (`format`): `weights` is `paddle.save(network.state_dict())`
+(`.pdparams`); `model` is `Model.save(path, training=False)`, a `paddle.jit`
+inference model in a folder per checkpoint (`<name>/model.json` + `model.pdiparams`;
+needs `paddle.Model(net, inputs=...)`, load with `paddle.jit.load("<name>/model")`);
+`training_state` (the default and the rolling last) is what
+`Model.save(path, training=True)` writes (`.pdparams`, `.pdopt` with the LR
+scheduler, `.pdscaler` under AMP) plus `<name>.state.json` (epoch, global step,
+parameter names, a float learning rate) and `<name>.pdrng` (random states).
+
+Resume: `fit()` has no initial epoch, so with `resume="auto"` the callback lets
+`fit(epochs=N)` walk through the finished epochs without running them and
+restores the newest verified training_state where the next epoch begins;
+training ends after epoch N-1 in total.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import pickle
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import paddle
+
+from checkpoint_hooks.core import Engine, MonitorError, Record, SaveItem
+from checkpoint_hooks.core.errors import CheckpointError
+from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
+
+__all__ = ["BestCheckpoint"]
+
+log = logging.getLogger("checkpoint_hooks")
+
+TRAINING_STATE = "training_state"
+STATE_SUFFIX = ".state.json"
+RNG_SUFFIX = ".pdrng"
+STATE_VERSION = 1
+# Keys hapi puts into its logs that are bookkeeping, not metrics.
+_NOT_METRICS = frozenset({"step", "batch_size"})
+_SHIM_MARK = "_checkpoint_hooks_shim"
+# paddle.save adds this table (structured -> unique parameter name) to every dict of tensors.
+_NAME_TABLE = "StructuredToParameterName@@"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rank() -> int:
+    return int(paddle.distributed.get_rank())
+
+
+def _world_size() -> int:
+    return int(paddle.distributed.get_world_size())
+
+
+def _inference_extension() -> str:
+    """Where a `model` checkpoint's program file goes, relative to its name.
+
+    Each inference model gets a folder of its own, `<name>/model.json` and
+    `<name>/model.pdiparams`: `paddle.jit.load` reads every `<prefix>.<x>.json` next
+    to the model as another function, and the checkpoint sidecars are named
+    `<name>.meta.json`. With the legacy program format (PIR switched off) it is `.pdmodel`.
+    """
+    use_pir = getattr(paddle.framework, "use_pir_api", None)
+    return "/model" + (".json" if use_pir is None or use_pir() else ".pdmodel")
+
+
+def _prefix(path: str, extension: str) -> str:
+    return path.removesuffix(extension)
+
+
+def _releasing(method: F) -> F:
+    """Release the directory lock and undo the epoch shim when a hook raises: fit() calls no hook on errors."""
+
+    @functools.wraps(method)
+    def wrapper(self: BestCheckpoint, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._end_fit()
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Resume:
+    """Where this fit continues from: a training_state prefix and what its state file says."""
+
+    prefix: str
+    epoch: int  # last finished epoch, 0-based; -1 when the checkpoint does not say
+    state: dict[str, Any]
+
+
+class _EpochMean:
+    """Batch-size weighted mean of the loss over one epoch's batches."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0.0
+
+    def add(self, logs: Mapping[str, Any] | None) -> None:
+        if not logs or "loss" not in logs:
+            return
+        loss = logs["loss"]
+        values = loss if isinstance(loss, (list, tuple)) else [loss]
+        try:
+            value = float(sum(float(np.asarray(v).sum()) for v in values))
+        except (TypeError, ValueError):
+            return
+        weight = float(logs.get("batch_size") or 1)
+        self.total += value * weight
+        self.count += weight
+
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
+    """Keep the best checkpoints by a monitored metric, periodic snapshots and a rolling last; resume fit().
+
+    It is a `ModelCheckpoint`, so `fit()` adds no checkpoint callback of its own:
+    `fit(save_dir=...)` then writes nothing (EarlyStopping still uses it for its
+    best model). Put checkpoints where `dirpath` says.
+
+    Args:
+        monitor: metric to rank checkpoints by: `val_<name>` for evaluation values
+            (`val_loss`, `val_acc`), the plain name for training values (`loss`, `acc`).
+        policy: a `CheckpointPolicy`, a dict of its fields or a YAML file path.
+        dirpath: checkpoint directory, a local path or an fsspec URL.
+        snapshots: every N epochs outside the top-k rotation: an int N or
+            `{"every_n_epochs": N, "keep": M}`.
+        **options: other policy fields (mode, min_delta, save_best_only, top_k, format,
+            filename, last, resume, verify, on_save_error, verbose); they override `policy`.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        *,
+        policy: CheckpointPolicy | Mapping[str, Any] | str | Path | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
+        snapshots: int | Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(save_freq=1, save_dir=None)
+        self.model: paddle.Model | None = None  # ModelCheckpoint.__init__ skips Callback.__init__
+        self.params = {}  # type: ignore[typeddict-item]
+        if monitor is not None:
+            options["monitor"] = monitor
+        if dirpath is not None:
+            options["dirpath"] = os.fspath(dirpath)
+        if snapshots is not None:
+            options["snapshots"] = {"every_n_epochs": snapshots} if isinstance(snapshots, int) else snapshots
+        self.policy: CheckpointPolicy = load_policy(policy, **options)
+        if self.policy.async_save:
+            log.warning("async_save is not available for Paddle yet; saving synchronously")
+        self.engine: Engine | None = None
+        self.resumed_from: Record | None = None
+        self.start_epoch = 0
+        self._resume: _Resume | None = None
+        self._restored = False
+        self._in_fit = False
+        self._fit_callbacks: Any = None
+        self._epoch = -1
+        self._global_step = 0
+        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._train_loss = _EpochMean()
+        self._eval_loss = _EpochMean()
+        self._eval_names: list[str] | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **options: Any) -> BestCheckpoint:
+        """A callback from a YAML policy file; keyword options override its fields."""
+        return cls(policy=CheckpointPolicy.from_yaml(path), **options)
+
+    # -- what the run kept ------------------------------------------------------------
+
+    @property
+    def best_model_path(self) -> str:
+        """Path of the best checkpoint's primary file ('' before the first save)."""
+        record = self.engine.best_record if self.engine else None
+        return self.engine.path_of(record) if self.engine and record else ""
+
+    @property
+    def best_model_score(self) -> float | None:
+        record = self.engine.best_record if self.engine else None
+        score = record.score(self.policy.monitor) if record else None
+        return None if score is None or math.isnan(score) else score
+
+    @property
+    def last_model_path(self) -> str:
+        """Path of the rolling last training_state's `.pdparams` ('' before the first save)."""
+        record = self.engine.last_record if self.engine else None
+        return self.engine.path_of(record) if self.engine and record else ""
+
+    # -- fit hooks --------------------------------------------------------------------
+
+    @_releasing
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._end_fit()  # a fit() that raised before never reached on_train_end
+        self._check_model()
+        self._in_fit = True
+        self._epoch = -1
+        self._global_step = 0
+        self._pending = None
+        self._restored = False
+        self._resume = None
+        self.start_epoch = 0
+        self.engine = Engine(
+            self.policy,
+            extensions={"weights": ".pdparams", "model": _inference_extension(), TRAINING_STATE: ".pdparams"},
+            default_format=TRAINING_STATE,
+            resumable_formats=frozenset({TRAINING_STATE}),
+            epoch_base=0,
+            is_writer=_rank() == 0,
+        )
+        self._resume = self._find_resume()
+        if self._resume is not None:
+            self.start_epoch = self._resume.epoch + 1
+            self._global_step = int(self._resume.state.get("global_step", 0))
+            if self.start_epoch > 0:
+                log.log(
+                    self.engine.level,
+                    "resuming at epoch %d: epochs 0-%d are done and fit() passes over them",
+                    self.start_epoch,
+                    self.start_epoch - 1,
+                )
+        self._install_shim()
+
+    @_releasing
+    def on_epoch_begin(self, epoch: int | None = None, logs: Mapping[str, Any] | None = None) -> None:
+        # Epoch e-1 is saved here, after every callback's hooks of epoch e-1 ran (the LRScheduler
+        # callback steps after ours), and a resume restores at the same point of the same hook,
+        # so callbacks before and after this one see the same state in both runs.
+        self._flush()
+        self._epoch = int(epoch or 0)
+        self._train_loss = _EpochMean()
+        if self._epoch == self.start_epoch:
+            self._restore()
+
+    def on_train_batch_end(self, step: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._in_fit:
+            self._global_step += 1
+            if _has_loss((self.params or {}).get("metrics")):
+                self._train_loss.add(logs)
+
+    @_releasing
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._in_fit or epoch < self.start_epoch:
+            return
+        metrics = _metrics(logs, (self.params or {}).get("metrics"))
+        mean = self._train_loss.value()
+        if mean is not None:
+            metrics["loss"] = mean
+        self._pending = (epoch, metrics)
+        monitor = self.policy.monitor
+        if monitor is not None and not monitor.startswith("val_"):
+            self._require_monitor(metrics)
+
+    def on_eval_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._eval_loss = _EpochMean()
+        self._eval_names = (logs or {}).get("metrics")
+
+    def on_eval_batch_end(self, step: int, logs: Mapping[str, Any] | None = None) -> None:
+        if _has_loss(self._eval_names):
+            self._eval_loss.add(logs)
+
+    @_releasing
+    def on_eval_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        # Also called by model.evaluate(callbacks=...) outside fit, and for passed-over epochs.
+        if not self._in_fit or self._pending is None or self._pending[0] != self._epoch:
+            return
+        values = _metrics(logs, self._eval_names)
+        mean = self._eval_loss.value()
+        if mean is not None:
+            values["loss"] = mean
+        metrics = self._pending[1]
+        metrics.update({"val_" + k: v for k, v in values.items()})
+        if self.policy.monitor is not None and self.policy.monitor.startswith("val_"):
+            self._require_monitor(metrics)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        try:
+            if self._in_fit:
+                self._remove_shim()
+                self._restore()  # when every epoch was done already
+                self._flush()
+        finally:
+            self._end_fit()
+
+    @property
+    def _model(self) -> Any:
+        """The paddle.Model of the running fit (typed Any: hapi internals are used)."""
+        if self.model is None:
+            raise CheckpointError("BestCheckpoint needs a paddle.Model; pass it in fit(callbacks=[...])")
+        return self.model
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _check_model(self) -> None:
+        model = self._model
+        if not paddle.in_dynamic_mode():
+            raise PolicyError(
+                "BestCheckpoint works in dynamic graph mode (the default); call paddle.disable_static() "
+                "before building the Model. Received: static graph mode"
+            )
+        fmt = self.policy.format or TRAINING_STATE
+        if fmt == "model" and (model._input_info is None or model._is_shape_inferred):
+            raise PolicyError(
+                "format='model' saves a paddle.jit inference model, which needs the input specs; build the Model "
+                "with them, e.g. paddle.Model(net, inputs=[paddle.static.InputSpec([None, 4], 'float32', 'x')]), "
+                "or use format='weights' or 'training_state'. Received: paddle.Model(..., inputs=None)"
+            )
+        monitor = self.policy.monitor
+        if monitor is not None and monitor.startswith("val_") and getattr(model, "_test_dataloader", None) is None:
+            raise MonitorError(
+                f"monitor={monitor!r} is an evaluation metric but fit() got no eval_data; pass eval_data to fit(), "
+                f"or monitor a training metric such as {monitor[4:]!r}"
+            )
+
+    def _require_monitor(self, metrics: Mapping[str, Any]) -> None:
+        assert self.engine is not None
+        self.engine.require_monitor(metrics)
+
+    # -- saving -----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Save the finished epoch waiting for its evaluation and the other callbacks' hooks."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.engine is None or not self.engine.is_writer:
+            return
+        epoch, metrics = pending
+        self.engine.save(epoch, self._global_step, metrics, functools.partial(self._write, epoch))
+
+    def _write(self, epoch: int, item: SaveItem, path: str) -> None:
+        model = self._model
+        if item.format == "weights":
+            paddle.save(model.network.state_dict(), path)
+        elif item.format == "model":
+            network = model.network
+            training = network.training
+            network.eval()  # export inference behaviour (dropout off, batch norm statistics)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                model.save(_prefix(path, os.path.splitext(path)[1]), training=False)
+            finally:
+                if training:
+                    network.train()
+            if not os.path.exists(path):
+                raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
+        else:
+            self._write_training_state(epoch, _prefix(path, ".pdparams"))
+
+    def _write_training_state(self, epoch: int, prefix: str) -> None:
+        model = self._model
+        model.save(prefix, training=True)  # .pdparams, .pdopt (with LR_Scheduler), .pdscaler
+        optimizer = model._optimizer
+        learning_rate = None
+        if optimizer is not None and not isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler):
+            # A float rate is not in the optimizer state; ReduceLROnPlateau changes it.
+            learning_rate = float(optimizer.get_lr())
+        state = {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "global_step": self._global_step,
+            # Optimizer keys embed process-wide unique parameter names; this maps them back on load.
+            "param_names": {name: p.name for name, p in model.network.named_parameters()},
+            "learning_rate": learning_rate,
+            "world_size": _world_size(),
+        }
+        with open(prefix + STATE_SUFFIX, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+        rng = {"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        with open(prefix + RNG_SUFFIX, "wb") as f:
+            pickle.dump(rng, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    # -- resume -----------------------------------------------------------------------
+
+    def _find_resume(self) -> _Resume | None:
+        """Rank 0 picks the checkpoint (and adopts it into its retention state); every rank loads it."""
+        engine = self.engine
+        assert engine is not None
+        choice: dict[str, Any] = {}
+        if engine.is_writer:
+            try:
+                choice = self._choose_resume()
+            except Exception as exc:
+                if _world_size() <= 1:
+                    raise
+                choice = {"error": (type(exc).__name__, str(exc))}
+        choice = _broadcast(choice)
+        if "error" in choice:
+            kind, message = choice["error"]
+            raise (PolicyError if kind == "PolicyError" else CheckpointError)(message)
+        if choice.get("record"):
+            record = Record.from_json(choice["record"])
+            self.resumed_from = record
+            prefix = _prefix(engine.local_path(record), ".pdparams")
+        elif choice.get("path"):
+            self.resumed_from = None
+            prefix = choice["path"]
+        else:
+            self.resumed_from = None
+            return None
+        return _read_resume(prefix, choice.get("epoch"))
+
+    def _choose_resume(self) -> dict[str, Any]:
+        engine = self.engine
+        assert engine is not None
+        record = engine.start()
+        if record is not None:
+            return {"record": record.to_json(), "epoch": record.epoch}
+        resume = self.policy.resume
+        if resume in ("auto", "never"):
+            return {}
+        # An explicit path: one of this directory's checkpoints, or a Model.save(training=True) prefix.
+        prefix = _prefix(resume, ".pdparams")
+        record = engine.find_record(resume) or engine.find_record(prefix + ".pdparams")
+        if record is not None:
+            if record.format != TRAINING_STATE:
+                raise PolicyError(
+                    f"resume={resume!r} is a {record.format!r} checkpoint, which holds no optimizer state; resume "
+                    "from a training_state checkpoint (the rolling last-epoch=... or a training_state save)"
+                )
+            engine.adopt(record, discard_newer=False)
+            return {"record": record.to_json(), "epoch": record.epoch}
+        if not os.path.exists(prefix + ".pdparams"):
+            raise PolicyError(
+                f"resume={resume!r} is not a checkpoint: {prefix + '.pdparams'!r} does not exist; "
+                "pass a training_state path, 'auto' or 'never'"
+            )
+        return {"path": prefix}
+
+    def _restore(self) -> None:
+        """Load the resume checkpoint into the network, optimizer, LR scheduler, scaler and random states."""
+        if self._resume is None or self._restored:
+            return
+        self._restored = True
+        resume = self._resume
+        model = self._model
+        state = resume.state
+        params = paddle.load(resume.prefix + ".pdparams")
+        params.pop(_NAME_TABLE, None)
+        names = state.get("param_names") or _name_table(resume.prefix + ".pdparams")
+        missing, unexpected = model.network.set_state_dict(params)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {resume.prefix}.pdparams does not fit this network: it lacks {', '.join(missing)}; "
+                "resume with the network it was saved from, or set resume='never'"
+            )
+        if unexpected:
+            log.warning("checkpoint %s.pdparams has entries this network lacks: %s", resume.prefix, ", ".join(unexpected))
+        optimizer = model._optimizer
+        if optimizer is not None and os.path.exists(resume.prefix + ".pdopt"):
+            saved = paddle.load(resume.prefix + ".pdopt")
+            saved.pop(_NAME_TABLE, None)
+            optimizer.set_state_dict(_rename_optimizer_state(saved, names, model))
+        learning_rate = state.get("learning_rate")
+        if (
+            optimizer is not None
+            and learning_rate is not None
+            and not isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler)
+        ):
+            optimizer.set_lr(float(learning_rate))
+        scaler = getattr(model, "_scaler", None)
+        if scaler is not None and os.path.exists(resume.prefix + ".pdscaler"):
+            scaler.load_state_dict(paddle.load(resume.prefix + ".pdscaler"))
+        # Random states are per process; with several ranks only rank 0's were saved.
+        if _world_size() <= 1 and os.path.exists(resume.prefix + RNG_SUFFIX):
+            with open(resume.prefix + RNG_SUFFIX, "rb") as f:
+                rng = pickle.load(f)
+            try:
+                paddle.set_rng_state(rng["paddle"])
+            except (ValueError, RuntimeError) as exc:  # saved on another device type
+                log.warning("could not restore Paddle's random state from %s%s: %s", resume.prefix, RNG_SUFFIX, exc)
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        level = self.engine.level if self.engine else logging.DEBUG
+        log.log(level, "restored %s (epoch %d, step %d)", resume.prefix, resume.epoch, self._global_step)
+
+    # -- passing over finished epochs ---------------------------------------------------
+
+    def _install_shim(self) -> None:
+        """Wrap model._run_one_epoch for this fit: pass over finished epochs, release the lock on errors.
+
+        fit() calls `self._run_one_epoch`, so an instance attribute takes its place for
+        this fit only. It acts only for the CallbackList of this fit (the one its first
+        training epoch passes), so a later evaluate() is never affected, even if a fit
+        died where no hook could remove it.
+        """
+        model = self._model
+        original = model._run_one_epoch
+        before = model.__dict__.get("_run_one_epoch")
+
+        def run_one_epoch(data_loader: Any, callbacks: Any, mode: str, *args: Any, **kwargs: Any) -> Any:
+            if self._in_fit and self._fit_callbacks is None and mode == "train":
+                self._fit_callbacks = callbacks
+            if not (self._in_fit and callbacks is self._fit_callbacks):
+                return original(data_loader, callbacks, mode, *args, **kwargs)
+            if mode in ("train", "eval") and self._epoch < self.start_epoch:
+                if mode == "train":
+                    # hapi's DistributedBatchSampler reseeds its shuffle from an epoch counter that
+                    # advances on every pass: run the pass so the next epoch draws the same order.
+                    sampler = getattr(data_loader, "batch_sampler", None)
+                    if sampler is not None:
+                        for _ in sampler:
+                            pass
+                return {}
+            try:
+                return original(data_loader, callbacks, mode, *args, **kwargs)
+            except BaseException:
+                self._end_fit()
+                raise
+
+        setattr(run_one_epoch, _SHIM_MARK, (self, before))
+        model.__dict__["_run_one_epoch"] = run_one_epoch
+
+    def _remove_shim(self) -> None:
+        """Take out this callback's shim, or one a callback no longer in a fit left behind."""
+        model = getattr(self, "model", None)
+        if model is None:
+            return
+        current = model.__dict__.get("_run_one_epoch")
+        mark = getattr(current, _SHIM_MARK, None)
+        if mark is None:
+            return
+        owner, before = mark
+        if owner is self or not owner._in_fit:
+            if before is None:
+                del model.__dict__["_run_one_epoch"]
+            else:
+                model.__dict__["_run_one_epoch"] = before
+
+    def _end_fit(self) -> None:
+        self._in_fit = False
+        self._fit_callbacks = None
+        self._remove_shim()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _metrics(logs: Mapping[str, Any] | None, names: Any) -> dict[str, Any]:
+    """A copy of the metrics in hapi's logs.
+
+    hapi keeps one logs dict for training and evaluation, for the whole process (a
+    mutable default argument): it must be copied, and keys left by an earlier fit
+    or evaluate (a metric this model does not have) are dropped by keeping only
+    the names hapi declares for this run.
+    """
+    items = dict(logs or {})
+    if isinstance(names, (list, tuple)) and names:
+        return {k: items[k] for k in names if k in items}
+    return {k: v for k, v in items.items() if k not in _NOT_METRICS}
+
+
+def _has_loss(names: Any) -> bool:
+    """Whether hapi declares a loss for this run (a stale 'loss' can linger in its shared logs)."""
+    return not isinstance(names, (list, tuple)) or "loss" in names
+
+
+def _broadcast(value: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's value on every rank."""
+    if _world_size() <= 1:
+        return value
+    box = [value]
+    paddle.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _read_resume(prefix: str, epoch: int | None) -> _Resume:
+    state: dict[str, Any] = {}
+    if os.path.exists(prefix + STATE_SUFFIX):
+        with open(prefix + STATE_SUFFIX, encoding="utf-8") as f:
+            state = json.load(f)
+    if epoch is None:
+        epoch = state.get("epoch")
+    if epoch is None:
+        log.warning(
+            "%s.pdparams does not say which epoch it ends (no %s); its state is loaded and fit() counts from epoch 0",
+            prefix,
+            STATE_SUFFIX,
+        )
+        epoch = -1
+    return _Resume(prefix=prefix, epoch=int(epoch), state=state)
+
+
+def _name_table(path: str) -> dict[str, str]:
+    """paddle.save's structured -> unique parameter name table (paddle.load drops it), for checkpoints
+    written by Model.save itself rather than by this callback."""
+    try:
+        with open(path, "rb") as f:
+            table = pickle.load(f, encoding="latin1").get(_NAME_TABLE)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):  # not a plain pickle
+        return {}
+    return dict(table) if isinstance(table, Mapping) else {}
+
+
+def _rename_optimizer_state(state: Mapping[str, Any], saved_names: Mapping[str, str], model: Any) -> dict[str, Any]:
+    """Optimizer state keyed for this process's parameters.
+
+    Keys are `<parameter unique name>_<accumulator>_<n>`, and unique names come from
+    process-wide counters: the same network built second in a process is `linear_2`,
+    not `linear_0`. Keys are mapped through the structured names saved with the
+    checkpoint, and the counter suffix is the one this optimizer will use.
+    """
+    current = {name: p.name for name, p in model.network.named_parameters()}
+    renames = {old: current[name] for name, old in saved_names.items() if name in current}
+    if not renames:
+        return dict(state)
+    optimizer = model._optimizer
+    olds = sorted(renames, key=len, reverse=True)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, Mapping):
+            out[key] = {renames.get(k, k): v for k, v in value.items()}
+            continue
+        new_key = key
+        tail = ""
+        base = key
+        if base.endswith(".SCALE_VALUE"):
+            base, tail = base[: -len(".SCALE_VALUE")], ".SCALE_VALUE"
+        for old in olds:
+            if base.startswith(old + "_"):
+                rest = base[len(old) + 1 :]
+                head, _, counter = rest.rpartition("_")
+                accumulator = head if counter.isdigit() and head else rest
+                new_key = _accumulator_name(optimizer, renames[old], accumulator) + tail
+                break
+        out[new_key] = value
+    return out
+
+
+def _accumulator_name(optimizer: Any, param_name: str, accumulator: str) -> str:
+    """The name this optimizer gives (or gave) the accumulator of a parameter."""
+    existing = getattr(optimizer, "_accumulators", {}).get(accumulator, {}).get(param_name)
+    if existing is not None:
+        return str(existing.name)
+    base = f"{param_name}_{accumulator}"
+    try:
+        from paddle.base import unique_name
+
+        generator = unique_name.generator
+        return f"{generator.prefix}{base}_{generator.ids.get(base, 0)}"
+    except (ImportError, AttributeError):
+        return f"{base}_0"
