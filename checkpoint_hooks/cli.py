@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from checkpoint_hooks.core import retention
 from checkpoint_hooks.core.directory import CheckpointDirectory

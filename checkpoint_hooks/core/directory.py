@@ -7,8 +7,8 @@ verifying, committing, pruning and repairing mean the same thing everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream

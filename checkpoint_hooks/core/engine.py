@@ -15,8 +15,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from checkpoint_hooks.core import retention
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem

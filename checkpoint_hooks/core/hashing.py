@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 import xxhash
 

@@ -10,8 +10,9 @@ with its immutable facts, so a lost manifest can be rebuilt from the files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.records import Record

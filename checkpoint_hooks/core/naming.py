@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import string
-from typing import Any, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from checkpoint_hooks.policy import PolicyError, template_fields
 

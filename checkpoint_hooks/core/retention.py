@@ -15,8 +15,8 @@ never counts as an improvement.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED, SNAPSHOT, Record
 from checkpoint_hooks.policy import CheckpointPolicy, Mode
