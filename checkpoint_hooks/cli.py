@@ -101,7 +101,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ("yes" if verified[r.name] else "NO") if args.verify else "-",
             r.primary_path,
         ])
-    _print_table(header, rows)
+    _print_table(header, rows, title=f"{directory.url}  ({len(records)} checkpoint(s))")
     return EXIT_OK
 
 
@@ -194,6 +194,13 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_policy_reference(args: argparse.Namespace) -> int:
+    from checkpoint_hooks.policy import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -211,11 +218,40 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+def _print_table(header: list[str], rows: list[list[str]], title: str = "") -> None:
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        return
+    table = Table(*header, box=box.SIMPLE_HEAD, title=title or None, title_justify="left")
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        table.add_row(*row)
+    Console(width=max(100, sum(len(h) for h in header) + 40), soft_wrap=True).print(table)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from checkpoint_hooks.plot import plot
+
+    directory = _open(args.dir)
+    manifest = _manifest(directory)
+    current = _current_run(manifest)
+    if not current:
+        print(f"no checkpoints in {directory.url}", file=sys.stderr)
+        return EXIT_FAILED
+    monitor = args.metric or _policy_of(manifest).monitor
+    if monitor is None:
+        print("the policy has no monitor; name the metric to draw with --metric", file=sys.stderr)
+        return EXIT_USAGE
+    extra = [m for m in (args.metrics or "").split(",") if m]
+    plot(manifest, current[-1].run, monitor, args.output, extra, title=directory.url)
+    print(f"wrote {args.output}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
     prune.set_defaults(func=cmd_prune)
 
+    plot = sub.add_parser("plot", help="draw the monitored metric per epoch with kept checkpoints marked")
+    plot.add_argument("dir")
+    plot.add_argument("-o", "--output", default="metrics.png", help="image file (png, svg, pdf)")
+    plot.add_argument("--metric", default=None, help="metric to draw (default: the policy's monitor)")
+    plot.add_argument("--metrics", default=None, help="other logged metrics to draw too, comma-separated")
+    plot.set_defaults(func=cmd_plot)
+
     policy = sub.add_parser("policy", help="validate a policy file or print the policy's JSON Schema")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="validate a policy YAML file")
@@ -254,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_policy_check)
     schema = policy_sub.add_parser("schema", help="print the JSON Schema of a policy (for editors)")
     schema.set_defaults(func=cmd_policy_schema)
+    reference = policy_sub.add_parser("reference", help="print the policy reference (Markdown) from the field descriptions")
+    reference.set_defaults(func=cmd_policy_reference)
     return parser
 
 

@@ -170,8 +170,6 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if snapshots is not None:
             options["snapshots"] = {"every_n_epochs": snapshots} if isinstance(snapshots, int) else snapshots
         self.policy: CheckpointPolicy = load_policy(policy, **options)
-        if self.policy.async_save:
-            log.warning("async_save is not available for Paddle yet; saving synchronously")
         self.engine: Engine | None = None
         self.resumed_from: Record | None = None
         self.start_epoch = 0

@@ -14,7 +14,7 @@ import re
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,7 +109,10 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     snapshots: SnapshotPolicy = Field(default_factory=SnapshotPolicy, description="Periodic epoch snapshots outside the top-k rotation.")
     last: bool = Field(default=True, description="Keep a rolling training_state checkpoint of the newest epoch, used to resume.")
     resume: str = Field(default="auto", description="auto resumes from the newest verified training_state in dirpath; never starts fresh; or a checkpoint path to resume from.")
-    async_save: bool = Field(default=False, description="Write, hash and prune in a background worker; training waits only for a copy of the state.")
+    async_save: bool = Field(
+        default=False,
+        description="Reserved for saving in a background worker; not available yet: true logs a warning and saves synchronously.",
+    )
     verify: bool = Field(default=True, description="Record a checksum for every file and verify it before resuming from it.")
     on_save_error: Literal["raise", "warn"] = Field(
         default="raise", description="When a save fails (disk full, permissions): raise stops training, warn logs and trains on."
@@ -365,3 +368,49 @@ def describe_validation_error(
             shown = str(received)
         lines.append(f"{where}{field}: {error.get('msg')}; {_fix_for(error, field)}. Received: {field}={shown!r}")
     return "\n".join(lines) if lines else str(exc)
+
+
+def _type_name(annotation: Any) -> str:
+    """A type as a reader says it: 'str or null', 'min, max or auto'."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        names = [str(a) for a in args]
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def reference_markdown() -> str:
+    """The policy reference, generated from the model's fields and their descriptions (docs/policy.md)."""
+    lines = [
+        "# Policy reference",
+        "",
+        "Generated from `CheckpointPolicy` by `checkpoint-hooks policy reference`; a test keeps this page",
+        "and the model in agreement. Every field can be given as a keyword argument or in YAML.",
+        "",
+        "| field | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+
+    def rows(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                lines.append(f"| `{prefix}{name}` | mapping | | {field.description} |")
+                rows(annotation, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = "null" if default is None else json_default(default)
+            lines.append(f"| `{prefix}{name}` | {_type_name(annotation)} | `{shown}` | {field.description} |")
+
+    rows(CheckpointPolicy, "")
+    return "\n".join(lines) + "\n"
+
+
+def json_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -116,6 +116,8 @@ class Engine:
 
                 raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
         self.directory = CheckpointDirectory(self.store)
+        if self.policy.async_save:
+            log.warning("async_save is not available yet; checkpoints are saved synchronously")
 
     # -- properties -------------------------------------------------------------------
 
@@ -255,6 +257,9 @@ class Engine:
                 ", ".join(r.name for r in newer),
             )
             self.manifest.records = [r for r in self.manifest.records if r not in newer]
+            self.manifest.history = [
+                h for h in self.manifest.history if not (h.get("run") == self.run and h["epoch"] > record.epoch)
+            ]
             # Roles the removed records held (last, above all) return to the ones that remain.
             tags = retention.retain(self.policy, self.run_records())
             self.manifest.records = [
@@ -308,6 +313,11 @@ class Engine:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
         values = clean_metrics(metrics)
         self._seen_metrics.update(values)
+        if self.is_writer:
+            if not self.run_decided:
+                self.start_fresh()
+            # kept in memory until the next commit writes it (epochs without a save included)
+            self.manifest.history.append({"run": self.run, "epoch": epoch, "step": step, "metrics": values})
         roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
         if not roles:
             return Plan(epoch, step, values)
@@ -452,6 +462,7 @@ class Engine:
             records=others + kept,
             policy=self.policy.to_dict(),
             next_seq=max(self.manifest.next_seq, max(r.seq for r in new) + 1),
+            history=self.manifest.history,
         )
         self.directory.commit(updated)
         self.manifest = updated

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoint_hooks.core.errors import ManifestError
-from checkpoint_hooks.core.records import Record
+from checkpoint_hooks.core.records import Record, decode_float, encode_float
 
 MANIFEST_NAME = "manifest.json"
 SIDECAR_SUFFIX = ".meta.json"
@@ -31,6 +31,8 @@ class Manifest:
     records: list[Record] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
     next_seq: int = 1
+    # The monitored and other logged values of every epoch end, saved or not: {run, epoch, step, metrics}.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def by_name(self, name: str) -> Record | None:
         for record in self.records:
@@ -59,6 +61,9 @@ class Manifest:
             "format": "checkpoint_hooks.manifest",
             "version": VERSION,
             "next_seq": self.next_seq,
+            "history": [
+                {**h, "metrics": {k: encode_float(v) for k, v in h["metrics"].items()}} for h in self.history
+            ],
             "policy": self.policy,
             "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.seq)],
         }
@@ -73,6 +78,10 @@ class Manifest:
             if int(data.get("version", 0)) > VERSION:
                 raise ValueError(f"written by a newer checkpoint_hooks (manifest version {data['version']})")
             records = [Record.from_json(r) for r in data.get("records", [])]
+            history = [
+                {**h, "metrics": {k: decode_float(v) for k, v in dict(h.get("metrics") or {}).items()}}
+                for h in data.get("history") or []
+            ]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ManifestError(
                 f"the manifest {source!r} is corrupt ({exc}); nothing was changed. Run "
@@ -80,7 +89,7 @@ class Manifest:
                 f"or move it away to start a fresh index"
             ) from None
         next_seq = int(data.get("next_seq") or (max((r.seq for r in records), default=0) + 1))
-        return cls(records=records, policy=dict(data.get("policy") or {}), next_seq=next_seq)
+        return cls(records=records, policy=dict(data.get("policy") or {}), next_seq=next_seq, history=history)
 
 
 def sidecar_bytes(record: Record) -> bytes:

@@ -26,14 +26,14 @@ def make_dir(path, values, **kw):
     return engine
 
 
-def run(*args):
+def run_cli(*args):
     proc = subprocess.run([sys.executable, "-m", "checkpoint_hooks.cli", *args], capture_output=True, text=True)
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_ls_json_lists_manifest_records_with_relative_paths(tmp_path):
     make_dir(tmp_path, [0.5, 0.3, 0.4], top_k=2)
-    code, out, _ = run("ls", str(tmp_path), "--json")
+    code, out, _ = run_cli("ls", str(tmp_path), "--json")
     assert code == 0
     rows = json.loads(out)
     assert [(r["epoch"], r["tags"]) for r in rows] == [(1, ["best"]), (2, ["best", "last"])]
@@ -44,21 +44,22 @@ def test_ls_json_lists_manifest_records_with_relative_paths(tmp_path):
 def test_ls_table(tmp_path, capsys):
     make_dir(tmp_path, [0.5, 0.3], top_k=1)
     assert main(["ls", str(tmp_path), "--verify"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["epoch", "step", "val_loss", "tags", "size", "age", "verified", "path"]
-    assert out[1].split()[:4] == ["1", "10", "0.3000", "best,last"]
-    assert "yes" in out[1]
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[0][0] == str(tmp_path) and lines[0][1:] == ["(1", "checkpoint(s))"]
+    assert lines[1] == ["epoch", "step", "val_loss", "tags", "size", "age", "verified", "path"]
+    row = lines[3]
+    assert row[:4] == ["1", "10", "0.3000", "best,last"] and row[-2:] == ["yes", "epoch=001-val_loss=0.3000.ckpt"]
 
 
 def test_best_prints_the_best_path(tmp_path):
     make_dir(tmp_path, [0.5, 0.2, 0.4], top_k=2)
-    code, out, _ = run("best", str(tmp_path))
+    code, out, _ = run_cli("best", str(tmp_path))
     assert (code, out.strip()) == (0, str(tmp_path / "epoch=001-val_loss=0.2000.ckpt"))
 
 
 def test_best_without_a_best(tmp_path):
     make_dir(tmp_path, [0.5], top_k=0)
-    assert run("best", str(tmp_path))[0] == 1
+    assert run_cli("best", str(tmp_path))[0] == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete"])
@@ -73,7 +74,7 @@ def test_verify_reports_damage(tmp_path, damage):
         target.write_bytes(bytes(data))
     else:
         target.unlink()
-    code, out, err = run("verify", str(tmp_path))
+    code, out, err = run_cli("verify", str(tmp_path))
     assert code == 1
     assert f"BAD {target}" in out
     assert {"truncate": "truncated", "bitflip": "checksum mismatch", "delete": "missing"}[damage] in out
@@ -82,50 +83,50 @@ def test_verify_reports_damage(tmp_path, damage):
 
 def test_verify_ok(tmp_path):
     make_dir(tmp_path, [0.5, 0.4], top_k=2)
-    code, out, _ = run("verify", str(tmp_path))
+    code, out, _ = run_cli("verify", str(tmp_path))
     assert code == 0 and "ok: 2 file(s) of 2 checkpoint(s) verify" in out
 
 
 def test_repair_rebuilds_a_corrupt_manifest_and_keeps_the_old_one(tmp_path):
     make_dir(tmp_path, [0.5, 0.4, 0.3], top_k=2)
     (tmp_path / "manifest.json").write_text("{ not json")
-    code, _, err = run("verify", str(tmp_path))
+    code, _, err = run_cli("verify", str(tmp_path))
     assert code == 3 and "is corrupt" in err
-    code, out, _ = run("verify", "--repair", str(tmp_path))
+    code, out, _ = run_cli("verify", "--repair", str(tmp_path))
     assert code == 0 and "rebuilt" in out and "with 2 checkpoint(s)" in out
     assert any(name.startswith("manifest.json.corrupt-") for name in os.listdir(tmp_path))
-    assert run("verify", str(tmp_path))[0] == 0
+    assert run_cli("verify", str(tmp_path))[0] == 0
 
 
 def test_prune_dry_run_then_for_real(tmp_path):
     make_dir(tmp_path, [0.5, 0.4, 0.3, 0.2], top_k=-1)
     policy = tmp_path.parent / f"{tmp_path.name}-policy.yaml"
     policy.write_text("monitor: val_loss\ntop_k: 1\nlast: true\n")
-    code, out, _ = run("prune", str(tmp_path), "--policy", str(policy), "--dry-run")
+    code, out, _ = run_cli("prune", str(tmp_path), "--policy", str(policy), "--dry-run")
     assert code == 0 and "would delete 3 of 4 checkpoint(s)" in out
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".ckpt")]) == 4
-    code, out, _ = run("prune", str(tmp_path), "--policy", str(policy))
+    code, out, _ = run_cli("prune", str(tmp_path), "--policy", str(policy))
     assert code == 0 and "deleted 3 of 4" in out
     assert [n for n in os.listdir(tmp_path) if n.endswith(".ckpt")] == ["epoch=003-val_loss=0.2000.ckpt"]
-    assert run("verify", str(tmp_path))[0] == 0
+    assert run_cli("verify", str(tmp_path))[0] == 0
 
 
 def test_policy_check_and_schema(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("monitor: val_acc\ntop_k: 3\n")
-    code, out, _ = run("policy", "check", str(good))
+    code, out, _ = run_cli("policy", "check", str(good))
     assert code == 0 and "mode=max" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("monitor: val_acc\ntopk: 3\n")
-    code, _, err = run("policy", "check", str(bad))
+    code, _, err = run_cli("policy", "check", str(bad))
     assert code == 2 and f"{bad}:2: unknown field 'topk'; did you mean 'top_k'?" in err
     assert "Traceback" not in err
-    code, out, _ = run("policy", "schema")
+    code, out, _ = run_cli("policy", "schema")
     assert code == 0 and json.loads(out)["properties"]["top_k"]["type"] == "integer"
 
 
 def test_not_a_checkpoint_directory(tmp_path):
-    code, _, err = run("ls", str(tmp_path))
+    code, _, err = run_cli("ls", str(tmp_path))
     assert code == 3 and "manifest.json' not found" in err and "Traceback" not in err
 
 
@@ -133,3 +134,24 @@ def test_cli_imports_no_framework():
     code = "import sys, checkpoint_hooks.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','tensorflow','keras','paddle','lightning','pytorch_lightning')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_plot_draws_every_epoch_including_pruned_ones(tmp_path):
+    from checkpoint_hooks.core.directory import CheckpointDirectory
+    from checkpoint_hooks.plot import series
+
+    make_dir(tmp_path / "run", [0.5, 0.3, 0.4, 0.2, 0.6], top_k=1)
+    manifest = CheckpointDirectory(str(tmp_path / "run")).read_manifest()
+    run = manifest.records[0].run
+    assert series(manifest, run, "val_loss") == ([0, 1, 2, 3, 4], [0.5, 0.3, 0.4, 0.2, 0.6])
+    assert len(manifest.records) == 2  # the history outlives the pruned checkpoints
+    out = tmp_path / "m.png"
+    code, stdout, _ = run_cli("plot", str(tmp_path / "run"), "-o", str(out))
+    assert code == 0 and stdout.strip() == f"wrote {out}"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_without_a_monitor_asks_for_one(tmp_path):
+    make_dir(tmp_path / "run", [0.5], monitor=None)
+    code, _, err = run_cli("plot", str(tmp_path / "run"), "-o", str(tmp_path / "m.png"))
+    assert code == 2 and "--metric" in err

@@ -1,0 +1,32 @@
+"""Every script under examples/ runs (each in its own process, so frameworks never share one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(script, *args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_toy_training_resumes(tmp_path):
+    first = run("toy_training.py", "--dir", "ckpt", "--epochs", "4", "--crash-after-epoch", "1", cwd=tmp_path)
+    assert first.returncode == 17
+    second = run("toy_training.py", "--dir", "ckpt", "--epochs", "4", cwd=tmp_path)
+    assert second.returncode == 0 and "resuming from" in second.stderr
+    assert json.loads(second.stdout.splitlines()[-1])["epoch"] == 3
+
+
+def test_lightning_quickstart_runs_twice(tmp_path):
+    first = run("lightning_quickstart.py", "--epochs", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run("lightning_quickstart.py", "--epochs", "3", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "saved epoch 2 " in second.stderr and "saved epoch 0 " not in second.stderr
