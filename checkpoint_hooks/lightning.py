@@ -23,7 +23,7 @@ import torch
 
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
-from checkpoint_hooks.core.errors import MonitorError
+from checkpoint_hooks.core.errors import CheckpointError, MonitorError
 from checkpoint_hooks.core.store import is_url
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
@@ -50,7 +50,7 @@ def _model_checkpoint_bases() -> tuple[type, ...]:
 _BASES = _model_checkpoint_bases()
 
 # ModelCheckpoint arguments with no equivalent in the policy yet: refused rather than ignored.
-_UNSUPPORTED = ("every_n_train_steps", "train_time_interval", "save_on_train_epoch_end", "save_on_exception")
+_UNSUPPORTED = ("save_on_train_epoch_end",)
 
 
 def lightning_filename(template: str) -> str:
@@ -98,9 +98,10 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         policy: a `CheckpointPolicy`, a dict, or a YAML path; keyword arguments override its fields.
         dirpath: where checkpoints go (local path or fsspec URL); default `<default_root_dir>/checkpoints`.
         filename: Lightning-style template; with `auto_insert_metric_name` '{epoch}' becomes 'epoch={epoch}'.
-        save_top_k, save_last, every_n_epochs, save_weights_only, verbose, mode: ModelCheckpoint's
-            spellings, mapped onto the policy's `top_k`, `last`, `snapshots.every_n_epochs`,
-            `format="weights"`, `verbose` and `mode`.
+        save_top_k, save_last, every_n_epochs, save_weights_only, verbose, mode, every_n_train_steps,
+            train_time_interval, save_on_exception: ModelCheckpoint's spellings, mapped onto the policy's
+            `top_k`, `last`, `snapshots.every_n_epochs`, `format="weights"`, `verbose`, `mode`,
+            `every_n_steps`, `every_n_minutes` and `save_on_preemption`.
         **policy_fields: any other policy field (top_k, min_delta, format, snapshots, resume, ...).
     """
 
@@ -118,6 +119,9 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         save_weights_only: bool | None = None,
         verbose: bool | None = None,
         auto_insert_metric_name: bool = True,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        save_on_exception: bool | None = None,
         **policy_fields: Any,
     ) -> None:
         for name in _UNSUPPORTED:
@@ -140,6 +144,9 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             "last": save_last,
             "verbose": verbose,
             "format": "weights" if save_weights_only else None,
+            "every_n_steps": every_n_train_steps if every_n_train_steps != 0 else None,
+            "every_n_minutes": train_time_interval.total_seconds() / 60 if train_time_interval else None,
+            "save_on_preemption": save_on_exception,
         }
         overrides.update({k: v for k, v in mapped.items() if v is not None})
         if every_n_epochs is not None:
@@ -242,8 +249,31 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._validated_epoch = trainer.current_epoch
             self._ever_validated = True
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        pass  # step triggers are not part of the policy yet
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        engine = self._engine
+        if engine is None or (self.policy.every_n_steps is None and self.policy.every_n_minutes is None):
+            return
+        due = None
+        if trainer.is_global_zero:
+            # the epoch end right after the last batch saves a training state anyway
+            at_epoch_end = self.policy.last and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            due = not at_epoch_end and (engine.step_due(trainer.global_step) or engine.time_due())
+        if trainer.strategy.broadcast(due):
+            self._save_training_state(trainer, pl_module, preempted=False)
+
+    def _save_training_state(self, trainer: Any, pl_module: Any, preempted: bool) -> None:
+        """A mid-epoch training_state (Lightning's loops restore mid-epoch progress from it)."""
+        assert self._engine is not None
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        plan = None
+        if trainer.is_global_zero:
+            plan = self._engine.plan_training_state(
+                trainer.current_epoch, trainer.global_step, {k: v for k, v in metrics.items() if v is not None},
+                mid_epoch=True, preempted=preempted,
+            )
+        plan = trainer.strategy.broadcast(plan)
+        self._execute(self._engine, plan, trainer, pl_module)
+        self._sync(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         pass  # the rolling last was saved at the final epoch end
@@ -366,7 +396,26 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
     # -- end --------------------------------------------------------------------------
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()
+        try:
+            if self._should_save_on(trainer, exception):
+                log.warning("%s stopped training; saving a training state to resume from", type(exception).__name__)
+                self._save_training_state(trainer, pl_module, preempted=True)
+        finally:
+            self._close()
+
+    def _should_save_on(self, trainer: Any, exception: BaseException) -> bool:
+        """SIGTERM (Lightning's SIGTERMException), Ctrl-C or an error escaping fit(), once training began.
+
+        Not for errors of the checkpointing itself. Under several processes only for SIGTERM,
+        which every rank receives; a save after an error on one rank would wait for the others forever.
+        """
+        engine = self._engine
+        if not self.policy.save_on_preemption or engine is None or not engine.run_decided:
+            return False
+        if isinstance(exception, (CheckpointError, PolicyError)) or trainer.global_step == 0:
+            return False
+        sigterm = type(exception).__name__ == "SIGTERMException"
+        return bool(sigterm or trainer.world_size == 1)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

@@ -82,6 +82,11 @@ class SnapshotPolicy(BaseModel, metaclass=_PolicyMeta):
         default=None, ge=1, description="Save a snapshot after every N-th epoch (epochs N, 2N, ...); null disables snapshots."
     )
     keep: int | None = Field(default=None, ge=1, description="Keep the newest N snapshots; null keeps every snapshot.")
+    keep_every_n_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description="Also keep, forever, the first checkpoint of every N hours of training (counted from the run's first checkpoint), whatever the other rules drop; tagged milestone.",
+    )
 
 
 class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
@@ -107,6 +112,20 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
         description="File name template without extension; placeholders {epoch}, {step} and any logged metric, with format specs, e.g. 'epoch={epoch:03d}-{val_loss:.4f}'. null picks one from the monitor.",
     )
     snapshots: SnapshotPolicy = Field(default_factory=SnapshotPolicy, description="Periodic epoch snapshots outside the top-k rotation.")
+    every_n_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Also save a training_state every N optimizer steps, mid-epoch (tagged last); null disables it.",
+    )
+    every_n_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="Also save a training_state when N minutes of wall time passed since the last save; null disables it.",
+    )
+    save_on_preemption: bool = Field(
+        default=True,
+        description="On SIGTERM (schedulers, spot instances) or an exception escaping fit(), save a training_state tagged preempted before the process ends.",
+    )
     last: bool = Field(default=True, description="Keep a rolling training_state checkpoint of the newest epoch, used to resume.")
     resume: str = Field(default="auto", description="auto resumes from the newest verified training_state in dirpath; never starts fresh; or a checkpoint path to resume from.")
     async_save: bool = Field(

@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from checkpoint_hooks.core import retention
@@ -26,7 +26,7 @@ from checkpoint_hooks.core.hashing import checksum_file
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import Manifest, sidecar_bytes, sidecar_name
 from checkpoint_hooks.core.naming import format_name, unique_name
-from checkpoint_hooks.core.records import BEST, LAST, FileEntry, Record
+from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED, FileEntry, Record
 from checkpoint_hooks.core.store import Store, open_store
 from checkpoint_hooks.policy import CheckpointPolicy
 
@@ -34,6 +34,7 @@ log = logging.getLogger("checkpoint_hooks")
 
 TRAINING_STATE = "training_state"
 LAST_TEMPLATE = "last-epoch={epoch:03d}-step={step}"
+PREEMPTED_TEMPLATE = "preempted-epoch={epoch:03d}-step={step}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SaveItem:
     format: str
     roles: frozenset[str]
     filename: str  # name + the format's extension
+    mid_epoch: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Engine:
     _materialized: list[str] = field(init=False, default_factory=list)
     _writing: SaveItem | None = field(init=False, default=None)
     _seen_metrics: set[str] = field(init=False, default_factory=set)
+    _last_save_time: float = field(init=False, default_factory=time.monotonic)
+    _last_saved_step: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
         if self.format not in self.extensions:
@@ -180,6 +184,7 @@ class Engine:
         if self._started:
             return
         self._started = True
+        self._last_save_time = time.monotonic()  # every_n_minutes counts from the fit's start
         if not self.is_writer:
             return
         self._lock = DirectoryLock(self.store)
@@ -311,6 +316,47 @@ class Engine:
 
     def plan(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> Plan:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
+        values = self._observe(epoch, step, metrics)
+        roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
+        if not roles:
+            return Plan(epoch, step, values)
+        namer = self._namer(epoch, step, values)
+        items: list[SaveItem] = []
+        wanted = roles.names()
+        if self.format in self.resumable_formats:
+            items.append(namer(self.policy.filename_template, self.format, wanted))
+        else:
+            if wanted - {LAST}:
+                items.append(namer(self.policy.filename_template, self.format, wanted - {LAST}))
+            if roles.last:
+                items.append(namer(LAST_TEMPLATE, TRAINING_STATE, frozenset({LAST})))
+        return Plan(epoch, step, values, tuple(items))
+
+    def plan_training_state(
+        self, epoch: int, step: int, metrics: Mapping[str, Any], *, mid_epoch: bool, preempted: bool = False
+    ) -> Plan:
+        """One training_state outside the epoch-end rules: a step or time trigger, or a save on preemption.
+
+        It becomes the rolling last (the resume point); `epoch` is the epoch it was saved in and
+        `mid_epoch` says whether that epoch had finished.
+        """
+        values = clean_metrics(metrics)
+        roles = frozenset({LAST, PREEMPTED} if preempted else {LAST})
+        template = PREEMPTED_TEMPLATE if preempted else LAST_TEMPLATE
+        item = self._namer(epoch, step, values)(template, TRAINING_STATE, roles)
+        return Plan(epoch, step, values, (replace(item, mid_epoch=mid_epoch),))
+
+    def step_due(self, step: int) -> bool:
+        """Whether `every_n_steps` asks for a save at this global step."""
+        every = self.policy.every_n_steps
+        return every is not None and step > 0 and step % every == 0 and step != self._last_saved_step
+
+    def time_due(self) -> bool:
+        """Whether `every_n_minutes` of wall time passed since the last save (or the fit's start)."""
+        minutes = self.policy.every_n_minutes
+        return minutes is not None and time.monotonic() - self._last_save_time >= minutes * 60
+
+    def _observe(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         values = clean_metrics(metrics)
         self._seen_metrics.update(values)
         if self.is_writer:
@@ -318,9 +364,10 @@ class Engine:
                 self.start_fresh()
             # kept in memory until the next commit writes it (epochs without a save included)
             self.manifest.history.append({"run": self.run, "epoch": epoch, "step": step, "metrics": values})
-        roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
-        if not roles:
-            return Plan(epoch, step, values)
+        return values
+
+    def _namer(self, epoch: int, step: int, values: Mapping[str, float]) -> Callable[[str, str, frozenset[str]], SaveItem]:
+        """Makes unique SaveItems for this save from name templates."""
         # A metric logged on other epochs (or the monitor) but not this one shows as nan in the name;
         # a placeholder never logged at all stays an error (most likely a typo).
         fields: dict[str, Any] = {name: math.nan for name in self._seen_metrics}
@@ -329,22 +376,13 @@ class Engine:
         fields.update(values)
         fields.update(epoch=epoch + self.epoch_base, step=step)
         taken = {r.name for r in self.manifest.records}
-        items: list[SaveItem] = []
 
-        def add(template: str, fmt: str, item_roles: frozenset[str]) -> None:
+        def make(template: str, fmt: str, roles: frozenset[str]) -> SaveItem:
             name = unique_name(format_name(template, fields), taken)
             taken.add(name)
-            items.append(SaveItem(name, fmt, item_roles, name + self.extensions[fmt]))
+            return SaveItem(name, fmt, roles, name + self.extensions[fmt])
 
-        wanted = roles.names()
-        if self.format in self.resumable_formats:
-            add(self.policy.filename_template, self.format, wanted)
-        else:
-            if wanted - {LAST}:
-                add(self.policy.filename_template, self.format, wanted - {LAST})
-            if roles.last:
-                add(LAST_TEMPLATE, TRAINING_STATE, frozenset({LAST}))
-        return Plan(epoch, step, values, tuple(items))
+        return make
 
     def save(self, epoch: int, step: int, metrics: Mapping[str, Any], write: Writer) -> list[Record]:
         return self.execute(self.plan(epoch, step, metrics), write)
@@ -373,6 +411,8 @@ class Engine:
                 log.warning("%s; training goes on (on_save_error='warn')", error)
                 return []
             raise error from exc
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = plan.step
         self._log_save(records, time.perf_counter() - started)
         self._prune(removed)
         return records
@@ -438,6 +478,7 @@ class Engine:
                     created=time.time(),
                     run=self.run,
                     seq=self.manifest.next_seq + index,
+                    mid_epoch=item.mid_epoch,
                 )
                 sidecar = sidecar_name(item.name)
                 with open(os.path.join(folder, sidecar), "wb") as f:

@@ -11,7 +11,8 @@ BEST = "best"
 LAST = "last"
 SNAPSHOT = "snapshot"
 PREEMPTED = "preempted"
-TAGS = (BEST, LAST, SNAPSHOT, PREEMPTED)
+MILESTONE = "milestone"
+TAGS = (BEST, LAST, SNAPSHOT, MILESTONE, PREEMPTED)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Record:
     created: float = 0.0
     run: str = ""
     seq: int = 0
+    mid_epoch: bool = False  # saved inside `epoch` (a step, time or preemption save), not at its end
 
     @property
     def bytes(self) -> int:
@@ -82,6 +84,7 @@ class Record:
             "created": self.created,
             "run": self.run,
             "seq": self.seq,
+            "mid_epoch": self.mid_epoch,
         }
 
     @classmethod
@@ -98,6 +101,7 @@ class Record:
             created=float(data.get("created") or 0.0),
             run=str(data.get("run") or ""),
             seq=int(data.get("seq") or 0),
+            mid_epoch=bool(data.get("mid_epoch", False)),
         )
 
 

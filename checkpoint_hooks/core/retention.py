@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED, SNAPSHOT, Record
+from checkpoint_hooks.core.records import BEST, LAST, MILESTONE, PREEMPTED, SNAPSHOT, Record
 from checkpoint_hooks.policy import CheckpointPolicy, Mode
 
 
@@ -114,6 +114,23 @@ def plan_save(policy: CheckpointPolicy, records: Sequence[Record], epoch: int, s
     return SaveRoles(best=best, snapshot=snapshot_due(policy, epoch), last=policy.last)
 
 
+def milestones(policy: CheckpointPolicy, records: Sequence[Record]) -> list[Record]:
+    """The first checkpoint of every `keep_every_n_hours` window of the run, counted from its first checkpoint.
+
+    Stable as the run goes on: the first record of a window was the newest when it was saved, and
+    from then on it is kept, so it stays the first of its window.
+    """
+    hours = policy.snapshots.keep_every_n_hours
+    if hours is None or not records:
+        return []
+    ordered = sorted(records, key=lambda r: r.seq)
+    start = min(r.created for r in ordered)
+    chosen: dict[int, Record] = {}
+    for record in ordered:
+        chosen.setdefault(int((record.created - start) // (hours * 3600)), record)
+    return list(chosen.values())
+
+
 def retain(policy: CheckpointPolicy, records: Sequence[Record]) -> dict[str, frozenset[str]]:
     """The tags each kept record holds after the newest save; records absent from the result are pruned.
 
@@ -140,12 +157,12 @@ def retain(policy: CheckpointPolicy, records: Sequence[Record]) -> dict[str, fro
 
     lasts = [r for r in records if LAST in r.roles]
     if lasts:
-        kept.setdefault(max(lasts, key=lambda r: r.seq).name, set()).add(LAST)
+        newest = max(lasts, key=lambda r: r.seq)
+        # a save on preemption stays marked as such while it is the resume point
+        kept.setdefault(newest.name, set()).update({LAST} | ({PREEMPTED} & newest.roles))
 
-    # A preempted save is kept until a newer last supersedes it (it is the resume point until then).
-    for record in records:
-        if PREEMPTED in record.roles and (not lasts or record.seq >= max(r.seq for r in lasts)):
-            kept.setdefault(record.name, set()).add(PREEMPTED)
+    for record in milestones(policy, records):
+        kept.setdefault(record.name, set()).add(MILESTONE)
 
     return {name: frozenset(tags) for name, tags in kept.items()}
 

@@ -264,3 +264,33 @@ def test_non_writer_rank_writes_nothing(tmp_path):
     e.execute(e.plan(0, 0, {}), lambda item, path: calls.append(item.name))
     assert calls == ["epoch=000-step=0"]
     assert not (tmp_path / "x").exists()
+
+
+def test_step_time_and_preemption_saves_become_the_resume_point(tmp_path, monkeypatch):
+    e = engine(dirpath=str(tmp_path), top_k=1, every_n_steps=4, every_n_minutes=0.5)
+    e.start()
+    assert [s for s in range(13) if e.step_due(s)] == [4, 8, 12]
+    e.execute(e.plan_training_state(0, 4, {"loss": 1.0}, mid_epoch=True), write_bytes)
+    assert not e.step_due(4)  # already saved at this step
+    (record,) = e.run_records()
+    assert (record.name, record.mid_epoch, record.tags) == ("last-epoch=000-step=4", True, frozenset({LAST}))
+    e.save(0, 6, {"val_loss": 0.5}, write_bytes)  # the epoch end supersedes it as last
+    assert [(r.epoch, r.mid_epoch, sorted(r.tags)) for r in e.run_records()] == [(0, False, [BEST, LAST])]
+    e.execute(e.plan_training_state(1, 9, {}, mid_epoch=True, preempted=True), write_bytes)
+    assert e.last_record.name == "preempted-epoch=001-step=9" and e.last_record.tags == {LAST, "preempted"}
+    e.close()
+    again = engine(dirpath=str(tmp_path), top_k=1)
+    resumed = again.start()
+    assert (resumed.name, resumed.mid_epoch, resumed.step) == ("preempted-epoch=001-step=9", True, 9)
+    again.close()
+    # the time trigger counts from the start and from every save
+    clock = [1000.0]
+    monkeypatch.setattr("checkpoint_hooks.core.engine.time.monotonic", lambda: clock[0])
+    timed = engine(dirpath=str(tmp_path / "t"), every_n_minutes=0.5)
+    timed.start()
+    assert not timed.time_due()
+    clock[0] += 31
+    assert timed.time_due()
+    timed.execute(timed.plan_training_state(0, 1, {}, mid_epoch=True), write_bytes)
+    assert not timed.time_due()
+    timed.close()

@@ -175,3 +175,48 @@ def test_invariants(values, k, mode, every, keep, save_best_only):
         kept_ranks = sorted(retention.rank_value(r.metrics["m"], mode) for r in best)
         all_ranks = sorted(retention.rank_value(v, mode) for v in values if v is not None)
         assert kept_ranks == all_ranks[:k]
+
+
+# -- keep_every_n_hours: milestones ------------------------------------------------------
+
+def timed(epochs_and_hours, **policy_kwargs):
+    """Records saved at the given hours, run through the rules one save at a time."""
+    p = CheckpointPolicy(**{"last": True, **policy_kwargs})
+    records: list[Record] = []
+    for seq, (epoch, hours) in enumerate(epochs_and_hours, start=1):
+        roles = retention.plan_save(p, records, epoch, None)
+        new = Record(name=f"e{epoch}", epoch=epoch, step=epoch, format="training_state", roles=roles.names(),
+                     tags=roles.names(), created=1_000_000 + hours * 3600, seq=seq)
+        tags = retention.retain(p, records + [new])
+        records = [r.with_tags(tags[r.name]) for r in records + [new] if r.name in tags]
+    return records
+
+
+@pytest.mark.parametrize(
+    "hours, every, expected",
+    [
+        ([0, 0.5, 1.0, 1.5, 2.2, 2.9, 3.1], 1, {0, 2, 4, 6}),   # first checkpoint of each 1-hour window
+        ([0, 0.5, 1.0, 1.5, 2.2, 2.9, 3.1], 2, {0, 4}),
+        ([0, 3.5, 3.6], 1, {0, 1}),                             # empty windows keep nothing
+        ([0, 0.1, 0.2], 10, {0}),
+    ],
+)
+def test_keep_every_n_hours(hours, every, expected):
+    kept = timed(list(enumerate(hours)), top_k=1, snapshots={"keep_every_n_hours": every})
+    assert epochs_with(kept, "milestone") == expected
+    # the other rules go on as usual beside it: top_k=1 without a monitor keeps the newest, last is the newest
+    assert epochs_with(kept, LAST) == {len(hours) - 1} and epochs_with(kept, BEST) == {len(hours) - 1}
+    assert {r.epoch for r in kept} == expected | {len(hours) - 1}
+
+
+def test_without_keep_every_n_hours_there_are_no_milestones():
+    kept = timed([(0, 0), (1, 5), (2, 10)], top_k=1)
+    assert epochs_with(kept, "milestone") == set() and {r.epoch for r in kept} == {2}
+
+
+def test_preempted_tag_follows_the_resume_point():
+    p = CheckpointPolicy(top_k=0)
+    first = Record(name="p", epoch=1, step=5, format="training_state", roles=frozenset({LAST, "preempted"}), seq=1)
+    assert retention.retain(p, [first]) == {"p": frozenset({LAST, "preempted"})}
+    later = Record(name="l", epoch=2, step=9, format="training_state", roles=frozenset({LAST}), seq=2)
+    assert retention.retain(p, [first.with_tags(frozenset({LAST, "preempted"})), later]) == {"l": frozenset({LAST})}

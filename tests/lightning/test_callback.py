@@ -93,8 +93,8 @@ def test_lightning_filename():
 
 
 def test_unsupported_and_contradicting_arguments():
-    with pytest.raises(PolicyError, match="does not support every_n_train_steps yet. Received: every_n_train_steps=5"):
-        BestCheckpoint(monitor="val_loss", every_n_train_steps=5)
+    with pytest.raises(PolicyError, match="does not support save_on_train_epoch_end yet. Received: save_on_train_epoch_end=True"):
+        BestCheckpoint(monitor="val_loss", save_on_train_epoch_end=True)
     with pytest.raises(PolicyError, match="give save_top_k or top_k"):
         BestCheckpoint(monitor="val_loss", save_top_k=2, top_k=3)
     with pytest.raises(PolicyError, match="top_k=3 needs a monitor"):
@@ -202,3 +202,28 @@ def test_resume_never_starts_fresh(tmp_path):
     cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, resume="never")
     t = fit(LP, cb, 1)
     assert t.global_step == 4
+
+
+def test_step_trigger_saves_mid_epoch_and_resumes(tmp_path):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, every_n_train_steps=3)
+    t = fit(LP, cb, 2)  # 4 batches an epoch: steps 3 and 6 are mid-epoch, 4 and 8 end epochs
+    history = manifest(tmp_path)
+    assert t.global_step == 8
+    lasts = [r for r in history["records"] if "last" in r["tags"]]
+    assert [(r["epoch"], r["step"], r["mid_epoch"]) for r in lasts] == [(1, 8, False)]
+    # the step saves happened (their records were superseded as last and pruned)
+    assert any(h["step"] == 4 for h in history["history"])
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "mid", every_n_train_steps=3, last=False, top_k=0)
+    fit(LP, cb2, 2)
+    (only,) = manifest(tmp_path / "mid")["records"]
+    assert (only["name"], only["mid_epoch"], only["epoch"]) == ("last-epoch=001-step=6", True, 1)
+    cb3 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "mid", last=False, top_k=0)
+    t3 = fit(LP, cb3, 2)
+    assert t3.global_step == 8  # Lightning restored mid-epoch progress: 2 more steps, not a whole epoch
+
+
+def test_time_trigger_maps_train_time_interval(tmp_path):
+    from datetime import timedelta
+
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, train_time_interval=timedelta(seconds=30), save_on_exception=False)
+    assert (cb.policy.every_n_minutes, cb.policy.save_on_preemption) == (0.5, False)

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import time
 
 import torch
 
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--namespace", default="lightning.pytorch")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--signal-ready-at-step", type=int, default=None,
+                        help="from this global step on: write <out>.ready and slow down (so a test can send SIGTERM)")
     args = parser.parse_args()
 
     L = __import__(args.namespace, fromlist=["Trainer"])
@@ -34,6 +37,12 @@ def main() -> None:
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == args.kill_at_epoch:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_train_batch_end(self, trainer, pl_module, *rest):
+            if args.signal_ready_at_step is not None and trainer.global_step >= args.signal_ready_at_step:
+                with open(args.out + ".ready", "w") as f:
+                    f.write(str(trainer.global_step))
+                time.sleep(0.5)
 
     checkpoint = BestCheckpoint(monitor="val_loss", dirpath=args.dir, top_k=2, snapshots={"every_n_epochs": 2})
     trainer = L.Trainer(

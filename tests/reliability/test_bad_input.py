@@ -103,7 +103,8 @@ def lightning_fit(tmp_path, **kwargs):
     "kwargs, error, fragments",
     [
         ({"monitor": "val_loss", "topk": 3}, PolicyError, ["unknown field 'topk'; did you mean 'top_k'?"]),
-        ({"monitor": "val_loss", "every_n_train_steps": 10}, PolicyError, ["every_n_train_steps", "Received: every_n_train_steps=10"]),
+        ({"monitor": "val_loss", "save_on_train_epoch_end": False}, PolicyError, ["save_on_train_epoch_end", "Received: save_on_train_epoch_end=False"]),
+        ({"monitor": "val_loss", "every_n_train_steps": -1}, PolicyError, ["every_n_steps", "Received: every_n_steps=-1"]),
         ({"monitor": "val_loss", "save_top_k": 2, "top_k": 2}, PolicyError, ["give save_top_k or top_k, not both"]),
         ({"monitor": "val_loss", "save_top_k": -2}, PolicyError, ["Received: top_k=-2"]),
         ({"monitor": "val_loss", "mode": "biggest"}, PolicyError, ["Received: mode='biggest'"]),
