@@ -16,6 +16,7 @@ import os
 import random
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import numpy as np

@@ -187,8 +187,8 @@ def timed(epochs_and_hours, **policy_kwargs):
         roles = retention.plan_save(p, records, epoch, None)
         new = Record(name=f"e{epoch}", epoch=epoch, step=epoch, format="training_state", roles=roles.names(),
                      tags=roles.names(), created=1_000_000 + hours * 3600, seq=seq)
-        tags = retention.retain(p, records + [new])
-        records = [r.with_tags(tags[r.name]) for r in records + [new] if r.name in tags]
+        tags = retention.retain(p, [*records, new])
+        records = [r.with_tags(tags[r.name]) for r in [*records, new] if r.name in tags]
     return records
 
 
