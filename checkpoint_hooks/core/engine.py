@@ -168,12 +168,28 @@ class Engine:
         if self._started:
             return self.resumed_from
         self.open()
-        record = self.find_resume() if self.is_writer and self.policy.resume == "auto" else None
+        if not self.is_writer:
+            return self._follow_resume()
+        record = self.find_resume() if self.policy.resume == "auto" else None
         if record is not None:
             self.adopt(record)
         else:
             self.start_fresh()
         return record
+
+    def _follow_resume(self) -> Record | None:
+        """On a process that does not write: the record the writer resumes from, read without the lock.
+
+        For frameworks with no way to hand the writer's choice to the other processes."""
+        self.run = uuid.uuid4().hex[:12]
+        if self.policy.resume != "auto":
+            return None
+        manifest = self.directory.read_manifest()
+        if manifest is None:
+            return None
+        self.manifest = manifest
+        self.resumed_from = self.find_resume()
+        return self.resumed_from
 
     def open(self) -> None:
         """Lock the directory, read its manifest and clean what interrupted saves left behind.
@@ -274,7 +290,13 @@ class Engine:
         self.directory.commit(self.manifest)
         for r in newer:
             self.directory.remove_record_files(r)
-        log.log(self.level, "resuming from %s (epoch %d, step %d)", self.path_of(record), record.epoch, record.step)
+        log.log(
+            self.level,
+            "resuming from %s (epoch %d, step %d)",
+            self.path_of(record),
+            record.epoch + self.epoch_base,
+            record.step,
+        )
 
     def find_record(self, path: str) -> Record | None:
         """The committed record a user-given path points to, if it is one of ours."""
@@ -513,7 +535,7 @@ class Engine:
         """Delete what retention dropped; runs only after the commit that dropped it."""
         for record in removed:
             self.directory.remove_record_files(record)
-            log.log(self.level, "pruned %s (epoch %d)", record.name, record.epoch)
+            log.log(self.level, "pruned %s (epoch %d)", record.name, record.epoch + self.epoch_base)
 
     def _log_save(self, records: Sequence[Record], seconds: float) -> None:
         if not log.isEnabledFor(self.level):
@@ -531,7 +553,7 @@ class Engine:
             log.log(
                 self.level,
                 "saved epoch %d%s%s%s in %.2f s: %s",
-                record.epoch,
+                record.epoch + self.epoch_base,
                 shown,
                 rank,
                 f" [{tags}]" if tags else "",

@@ -294,3 +294,18 @@ def test_step_time_and_preemption_saves_become_the_resume_point(tmp_path, monkey
     timed.execute(timed.plan_training_state(0, 1, {}, mid_epoch=True), write_bytes)
     assert not timed.time_due()
     timed.close()
+
+
+def test_a_non_writer_follows_the_writers_resume_point_without_locking(tmp_path):
+    e = engine(dirpath=str(tmp_path), top_k=1)
+    e.start()
+    e.save(0, 1, {"val_loss": 1.0}, write_bytes)
+    e.save(1, 2, {"val_loss": 2.0}, write_bytes)
+    writer_again = engine(dirpath=str(tmp_path), top_k=1)  # holds the lock from here on
+    resumed = writer_again.start()
+    reader = Engine(CheckpointPolicy(dirpath=str(tmp_path), monitor="val_loss"), extensions=EXT, is_writer=False)
+    followed = reader.start()
+    assert followed is not None and followed.name == resumed.name == "epoch=001-val_loss=2.0000"
+    assert reader.execute(reader.plan(2, 3, {"val_loss": 0.1}), write_bytes) == []  # writes nothing
+    writer_again.close()
+    e.close()

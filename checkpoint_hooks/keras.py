@@ -1,0 +1,708 @@
+"""Keras 3 adapter: `BestCheckpoint`, a drop-in `keras.callbacks.ModelCheckpoint` driven by the shared policy.
+
+Built from ModelCheckpoint's own arguments (a `filepath` and nothing else of
+the policy) it is ModelCheckpoint: same files, same placeholders, same errors
+and warnings, no resume, no pruning. Given policy fields, a `policy=`, or no
+`filepath`, it hands every epoch end to the checkpoint engine: top-k best,
+snapshots, a rolling last checkpoint, retention that survives restarts, and a
+`fit()` that continues after a crash at the next epoch.
+
+    model.fit(x, y, validation_data=(xv, yv), epochs=20,
+              callbacks=[BestCheckpoint(monitor="val_loss", dirpath="ckpt", top_k=3)])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from checkpoint_hooks.core import CheckpointError, CorruptCheckpointError, Engine, Record, SaveError, SaveItem
+from checkpoint_hooks.core.engine import Plan
+from checkpoint_hooks.core.records import BEST
+from checkpoint_hooks.core.retention import is_better
+from checkpoint_hooks.core.store import STAGING_PREFIX, is_url
+from checkpoint_hooks.policy import (
+    CheckpointPolicy,
+    PolicyError,
+    SnapshotPolicy,
+    load_policy,
+    metric_direction,
+    template_fields,
+)
+
+log = logging.getLogger("checkpoint_hooks")
+
+__all__ = ["BestCheckpoint"]
+
+WEIGHTS_EXT = ".weights.h5"
+KERAS_EXT = ".keras"
+LEGACY_EXT = ".h5"
+STATE_SUFFIX = ".state.json"  # written next to every resumable file: epoch, step, RNG seed states
+EXPORT_DIRNAME = "best_export"
+EXPORT_INFO = "checkpoint_hooks.json"
+_STATE_FORMAT = "checkpoint_hooks.keras"
+
+
+class _Default:
+    """A ModelCheckpoint argument left at its default: a policy's own value takes its place."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _given(value: Any) -> bool:
+    return not isinstance(value, _Default)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _Default) else value
+
+
+def _split_extension(name: str) -> tuple[str, str | None]:
+    """`name` without a Keras extension, and that extension (weights before legacy: both end in .h5)."""
+    for ext in (WEIGHTS_EXT, KERAS_EXT, LEGACY_EXT):
+        if name.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], ext
+    return name, None
+
+
+def _to_int(value: Any) -> int:
+    # int() of a MirroredVariable raises; .numpy() works on every backend's variable.
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return int(np.asarray(value).item())
+
+
+class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
+    """ModelCheckpoint with top-k retention, snapshots, a rolling last checkpoint and automatic resume.
+
+    Drop-in mode: given `filepath` and only ModelCheckpoint's arguments, it does
+    exactly what `keras.callbacks.ModelCheckpoint` does. Policy mode: switched on
+    by leaving `filepath` out, by `policy=`, or by any argument after the `*`.
+    A `filepath` in policy mode gives dirpath, filename and extension.
+
+    Args:
+        filepath: ModelCheckpoint's path template (`{epoch}`, `{batch}`, metric placeholders);
+            optional in policy mode.
+        monitor: the logged metric to rank checkpoints by (`"val_loss"` unless a policy says otherwise).
+        verbose: ModelCheckpoint's verbosity; in policy mode > 0 logs saves at INFO on the
+            "checkpoint_hooks" logger.
+        save_best_only: save only when the monitored value improves.
+        save_weights_only: save `.weights.h5` files (policy mode: `format="weights"`).
+        mode: "min", "max" or "auto".
+        save_freq: "epoch", or (drop-in mode only) an integer number of batches.
+        initial_value_threshold: a checkpoint counts as best only when it beats this value.
+        policy: a `CheckpointPolicy`, a mapping, or a YAML file path; other arguments override it.
+        dirpath: checkpoint directory (local path or fsspec URL).
+        filename: name template without extension, e.g. "epoch={epoch:03d}-{val_loss:.4f}";
+            `{epoch}` counts from 1 as in ModelCheckpoint. A ".h5" ending asks for legacy HDF5 models.
+        format: "weights" (.weights.h5), "model" (.keras, the default) or "training_state" (.keras).
+        top_k: best checkpoints kept (-1 all, 0 none).
+        min_delta: an improvement smaller than this does not count.
+        snapshots: save every N epochs outside the top-k rotation: an int N, a mapping
+            `{"every_n_epochs": N, "keep": M}`, or a `SnapshotPolicy`.
+        last: keep a rolling checkpoint of the newest epoch (the resume point).
+        resume: "auto" continues from the newest verified checkpoint, "never" starts fresh,
+            or a path to a checkpoint to continue from.
+        verify: checksum every file and verify it before resuming from it.
+        on_save_error: "raise" stops training when a save fails, "warn" trains on.
+        export_best: also export the best model as a TensorFlow SavedModel in
+            `<dirpath>/best_export/` (for serving; `keras.layers.TFSMLayer` loads it).
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike[str] | None = None,
+        monitor: str | None = _Default("val_loss"),  # type: ignore[assignment]
+        verbose: int = _Default(0),  # type: ignore[assignment]
+        save_best_only: bool = _Default(False),  # type: ignore[assignment]
+        save_weights_only: bool = _Default(False),  # type: ignore[assignment]
+        mode: str = _Default("auto"),  # type: ignore[assignment]
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        *,
+        policy: CheckpointPolicy | Mapping[str, Any] | str | Path | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
+        filename: str | None = None,
+        format: str | None = None,
+        top_k: int | None = None,
+        min_delta: float | None = None,
+        snapshots: int | Mapping[str, Any] | SnapshotPolicy | None = None,
+        last: bool | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        verify: bool | None = None,
+        on_save_error: str | None = None,
+        export_best: bool = False,
+    ) -> None:
+        policy_fields = {
+            "dirpath": None if dirpath is None else os.fspath(dirpath),
+            "filename": filename,
+            "format": format,
+            "top_k": top_k,
+            "min_delta": min_delta,
+            "snapshots": {"every_n_epochs": snapshots}
+            if isinstance(snapshots, int) and not isinstance(snapshots, bool)
+            else snapshots,
+            "last": last,
+            "resume": None if resume is None else os.fspath(resume),
+            "verify": verify,
+            "on_save_error": on_save_error,
+        }
+        self._policy_mode = (
+            filepath is None or policy is not None or export_best or any(v is not None for v in policy_fields.values())
+        )
+        mode_value = _plain(mode)
+        if mode_value not in ("auto", "min", "max"):
+            # ModelCheckpoint's own wording, so tests written against it keep matching.
+            warnings.warn(f"ModelCheckpoint mode '{mode_value}' is unknown, fallback to auto mode.", stacklevel=2)
+            mode_value = "auto"
+        weights_only = bool(_plain(save_weights_only))
+        if filepath is None:
+            # ModelCheckpoint validates a path; one with the right extension stands in for the policy's names.
+            check_path: str | os.PathLike[str] = "checkpoint" + (WEIGHTS_EXT if weights_only else KERAS_EXT)
+        else:
+            check_path = filepath
+        super().__init__(
+            check_path,
+            monitor=_plain(monitor),
+            verbose=_plain(verbose),
+            save_best_only=_plain(save_best_only),
+            save_weights_only=weights_only,
+            mode=mode_value,
+            save_freq=save_freq,
+            initial_value_threshold=initial_value_threshold,
+        )
+        self._threshold = initial_value_threshold
+        self._policy: CheckpointPolicy | None = None
+        self._extensions: dict[str, str] = {"weights": WEIGHTS_EXT, "model": KERAS_EXT, "training_state": KERAS_EXT}
+        self._resumable: frozenset[str] = frozenset({"model", "training_state"})
+        self._export = bool(export_best)
+        self._engine: Engine | None = None
+        self._fits = 0
+        self._run: str | None = None
+        self._moved_initial_epoch = False
+        self._warned_monitor = False
+        self._mode_settled = False
+        self._saving: tuple[int, int] = (0, 0)
+        self.export_path: str | None = None
+        if not self._policy_mode:
+            return
+
+        if not isinstance(save_freq, str):
+            raise PolicyError(
+                "save_freq counted in batches is not supported yet together with policy fields (policy, dirpath, "
+                "top_k, ...); use save_freq='epoch', or drop the policy fields to get ModelCheckpoint's batch "
+                f"saving. Received: save_freq={save_freq!r}"
+            )
+        overrides = {k: v for k, v in policy_fields.items() if v is not None}
+        base = load_policy(policy) if policy is not None else None
+        if base is None or _given(monitor):
+            overrides["monitor"] = _plain(monitor)
+        if base is None or _given(mode):
+            overrides["mode"] = mode_value
+        if _given(save_best_only):
+            overrides["save_best_only"] = bool(save_best_only)
+        if _given(verbose):
+            overrides["verbose"] = bool(verbose)
+        implied_ext: str | None = None
+        if filepath is not None:
+            for name in ("dirpath", "filename"):
+                if policy_fields[name] is not None:
+                    raise PolicyError(
+                        f"give either filepath or {name}, not both: filepath names the directory and the file. "
+                        f"Received: filepath={os.fspath(filepath)!r}, {name}={policy_fields[name]!r}"
+                    )
+            head, tail = os.path.split(str(os.fspath(filepath)))
+            stem, implied_ext = _split_extension(tail)
+            overrides["dirpath"] = head or "."
+            overrides["filename"] = stem
+        policy_obj = load_policy(base, **overrides)
+        if policy_obj.filename is not None and implied_ext is None:
+            stem, implied_ext = _split_extension(policy_obj.filename)
+            if implied_ext is not None:
+                policy_obj = load_policy(policy_obj, filename=stem)
+        policy_obj = self._settle_format(policy_obj, implied_ext, weights_only)
+        if policy_obj.filename is not None and any(
+            name == "batch" for name, _spec in template_fields(policy_obj.filename)
+        ):
+            raise PolicyError(
+                "the {batch} placeholder needs batch-level saving, which policy mode does not do yet; remove it "
+                f"or drop the policy fields. Received: filename={policy_obj.filename!r}"
+            )
+        if self._export and is_url(policy_obj.dirpath):
+            raise PolicyError(
+                "export_best writes a SavedModel directory and needs a local dirpath; export from a local "
+                f"directory and copy it. Received: dirpath={policy_obj.dirpath!r}"
+            )
+        self._policy = policy_obj
+        if filepath is None:
+            self.filepath = None
+        self.monitor = policy_obj.monitor
+        self.mode = policy_obj.mode
+        self.min_delta = policy_obj.min_delta
+        self.save_best_only = policy_obj.save_best_only
+        self.save_weights_only = (policy_obj.format or "model") == "weights"
+        self.verbose = int(policy_obj.verbose) if not _given(verbose) else _plain(verbose)
+
+    def _settle_format(self, policy: CheckpointPolicy, ext: str | None, weights_only: bool) -> CheckpointPolicy:
+        """The format the file extension, `save_weights_only` and `format` agree on; sets the model extension."""
+        fmt = policy.format
+        named = f"a name ending in {ext!r}" if ext else "no extension"
+        if weights_only:
+            if fmt not in (None, "weights"):
+                raise PolicyError(
+                    "save_weights_only=True saves .weights.h5 files, which contradicts the format; drop one of the "
+                    f"two. Received: save_weights_only=True, format={fmt!r}"
+                )
+            fmt = "weights"
+        if ext == WEIGHTS_EXT and fmt not in (None, "weights"):
+            raise PolicyError(
+                f"a .weights.h5 file holds weights only; use format='weights' or a '.keras' name. "
+                f"Received: {named}, format={fmt!r}"
+            )
+        if ext in (KERAS_EXT, LEGACY_EXT) and fmt == "weights":
+            raise PolicyError(
+                f"format='weights' writes .weights.h5 files; name the file '*.weights.h5' or drop format. "
+                f"Received: {named}, format='weights'"
+            )
+        if ext == LEGACY_EXT and fmt == "training_state":
+            raise PolicyError(
+                "format='training_state' needs the native .keras format (legacy .h5 files do not restore the "
+                f"optimizer); name the file '*.keras' or use format='model'. Received: {named}, format='training_state'"
+            )
+        if ext == WEIGHTS_EXT:
+            fmt = "weights"
+        elif ext == LEGACY_EXT:
+            fmt = "model"
+            # Legacy HDF5 files do not bring the optimizer back, so the rolling last is a separate .keras.
+            self._extensions["model"] = LEGACY_EXT
+            self._resumable = frozenset({"training_state"})
+        if fmt != policy.format:
+            policy = load_policy(policy, format=fmt)
+        return policy
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **kwargs: Any) -> BestCheckpoint:
+        """A callback from a YAML policy file; keyword arguments override its fields.
+
+        Args:
+            path: the YAML policy file.
+            **kwargs: any argument of `BestCheckpoint` (overrides the file).
+        """
+        return cls(policy=CheckpointPolicy.from_yaml(path), **kwargs)
+
+    def _set_monitor_op(self) -> None:
+        try:
+            super()._set_monitor_op()
+        except ValueError as exc:
+            # ModelCheckpoint's wording, so tests written against it keep matching.
+            raise ValueError(
+                str(exc).replace(f"{type(self).__name__} callback", "ModelCheckpoint callback", 1)
+            ) from None
+
+    # -- read-only state --------------------------------------------------------------
+
+    @property
+    def policy(self) -> CheckpointPolicy | None:
+        """The policy in force; None in drop-in mode."""
+        return self._policy
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of the current (or latest) fit; None in drop-in mode or before fit()."""
+        return self._engine
+
+    @property
+    def best_model_path(self) -> str:
+        record = self._engine.best_record if self._engine is not None else None
+        return self._engine.path_of(record) if self._engine is not None and record is not None else ""
+
+    @property
+    def best_model_score(self) -> float | None:
+        record = self._engine.best_record if self._engine is not None else None
+        return record.score(self.monitor) if record is not None else None
+
+    @property
+    def last_model_path(self) -> str:
+        record = self._engine.last_record if self._engine is not None else None
+        return self._engine.path_of(record) if self._engine is not None and record is not None else ""
+
+    # -- fit start ------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._policy_mode:
+            return
+        self._reset_initial_epoch()
+        self._close()
+        assert self._policy is not None
+        engine = Engine(
+            self._policy,
+            extensions=self._extensions,
+            default_format="model",
+            resumable_formats=self._resumable,
+            epoch_base=1,  # Keras numbers epochs from 1 in names and messages
+            is_writer=self._is_writer(),
+        )
+        self._engine = engine
+        self._warned_monitor = False
+        self._mode_settled = False
+        try:
+            self._begin(engine)
+        except BaseException:
+            self._reset_initial_epoch()
+            self._close()
+            raise
+        self._fits += 1
+        if engine.is_writer:
+            self._run = engine.run
+        self._sync_best()
+
+    def _begin(self, engine: Engine) -> None:
+        resume = engine.policy.resume
+        if self._fits > 0:
+            # A later fit() of this callback continues its own run: the model in memory is the newest state.
+            engine.start()
+            if engine.is_writer and self._run and engine.run != self._run:
+                own = engine.manifest.run_records(self._run)
+                if own:
+                    engine.adopt(own[-1], discard_newer=False)
+            return
+        if resume not in ("auto", "never"):
+            engine.start()
+            self._resume_from_path(engine, resume)
+            return
+        record = engine.start()  # on other workers: the writer's resume point, read without the lock
+        if record is not None:
+            self._restore(engine.local_path(record), record.epoch, f"{record.name} (epoch {record.epoch + 1})")
+
+    def _resume_from_path(self, engine: Engine, path: str) -> None:
+        record = engine.find_record(path) if engine.is_writer else None
+        if record is not None:
+            problems = engine.problems(record)
+            if problems:
+                raise CorruptCheckpointError(
+                    f"resume={path!r} does not verify: {'; '.join(str(p) for p in problems)}; "
+                    "resume from another checkpoint or set resume='never'"
+                )
+            engine.adopt(record, discard_newer=False)
+            self._restore(engine.local_path(record), record.epoch, f"{record.name} (epoch {record.epoch + 1})")
+            return
+        if not os.path.exists(path):
+            raise PolicyError(
+                f"resume must be 'auto', 'never' or an existing checkpoint file; {path!r} does not exist. "
+                f"Received: resume={path!r}"
+            )
+        epoch = _read_state(path).get("epoch")
+        self._restore(path, int(epoch) if isinstance(epoch, int) else None, path)
+
+    def _restore(self, path: str, epoch: int | None, label: str) -> None:
+        """Load weights, optimizer state and RNG seed states in place, and tell fit() where to start."""
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            # An unbuilt optimizer skips its saved variables with only a warning (iterations stay 0).
+            with _strategy_scope(model):
+                optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise CheckpointError(
+                f"could not load {path} into this model ({type(exc).__name__}: {exc}); the model differs from the "
+                "one that saved it. Start fresh with resume='never' or another dirpath"
+            ) from exc
+        state = _read_state(path)
+        seeds = _seed_variables(model)
+        saved = state.get("seed_states")
+        if isinstance(saved, list) and len(saved) == len(seeds):
+            for variable, values in zip(seeds, saved):
+                variable.assign(np.asarray(values, dtype=variable.dtype))
+        elif seeds and saved is not None:
+            log.warning(
+                "%s holds %s seed states, the model has %d; dropout will not repeat the interrupted run exactly",
+                label,
+                len(saved) if isinstance(saved, list) else "no",
+                len(seeds),
+            )
+        _set_backend_rng_state(state)
+        if epoch is not None:
+            model._initial_epoch = epoch + 1
+            self._moved_initial_epoch = True
+            log.info("resumed from %s; training continues at epoch %d", label, epoch + 2)
+        else:
+            log.info("loaded %s; its epoch is unknown, so training starts at fit()'s initial_epoch", label)
+
+    def _resolved_policy(self) -> CheckpointPolicy:
+        """The policy, with mode='auto' settled by the Keras metric's own direction when the name does not tell."""
+        policy = self._policy
+        assert policy is not None
+        monitor = policy.monitor
+        if monitor is None or policy.mode != "auto" or metric_direction(monitor) is not None:
+            return policy
+        direction = _keras_direction(self.model, monitor)
+        if direction is None:
+            return policy
+        return load_policy(policy, mode="max" if direction == "up" else "min")
+
+    def _is_writer(self) -> bool:
+        """Only the chief writes: every worker writing the same path is a known TensorFlow complaint."""
+        strategy = getattr(self.model, "distribute_strategy", None)
+        if strategy is not None:
+            return bool(getattr(strategy.extended, "should_checkpoint", True))
+        if keras.backend.backend() == "jax":
+            with contextlib.suppress(Exception):
+                from keras.src.backend.jax import distribution_lib
+
+                return int(distribution_lib.process_id()) == 0
+        return True
+
+    # -- epoch end --------------------------------------------------------------------
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._policy_mode:
+            super().on_epoch_end(epoch, logs)
+            return
+        engine = self._engine
+        if engine is None:
+            raise CheckpointError("BestCheckpoint.on_epoch_end ran before on_train_begin; pass the callback to fit()")
+        if not self._mode_settled:
+            # Compiled metrics are built by the first train step, so their direction is known only now.
+            engine.policy = self._resolved_policy()
+            self._mode_settled = True
+        metrics = dict(logs or {})
+        monitor = engine.policy.monitor
+        if monitor is not None and metrics.get(monitor) is None and not self._warned_monitor:
+            self._warned_monitor = True
+            logged = ", ".join(sorted(metrics)) or "none"
+            warnings.warn(
+                f"Can save best model only with {monitor} available. Logged metrics: {logged}. "
+                "Last and snapshot checkpoints are still saved; set monitor to one of the logged metrics.",
+                stacklevel=2,
+            )
+        step = _to_int(self.model.optimizer.iterations) if getattr(self.model, "optimizer", None) is not None else 0
+        previous_best = self.best
+        plan = self._apply_threshold(engine.plan(epoch, step, metrics))
+        self._saving = (epoch, step)
+        records = engine.execute(plan, self._write)
+        self._sync_best()
+        self._report(epoch, plan, records, previous_best)
+        best = engine.best_record
+        if self._export and engine.is_writer and best is not None and any(r.name == best.name for r in records):
+            self._export_best(engine, best)
+
+    def _apply_threshold(self, plan: Plan) -> Plan:
+        """Drop the best role when the value does not beat `initial_value_threshold` (as ModelCheckpoint does)."""
+        policy = self._engine.policy if self._engine is not None else self._policy
+        if self._threshold is None or policy is None or policy.monitor is None or not plan:
+            return plan
+        score = plan.metrics.get(policy.monitor)
+        if is_better(score, float(self._threshold), policy.resolved_mode, policy.min_delta):
+            return plan
+        items = []
+        for item in plan.items:
+            roles = item.roles - {BEST}
+            if roles:
+                items.append(dataclasses.replace(item, roles=roles))
+        return dataclasses.replace(plan, items=tuple(items))
+
+    def _write(self, item: SaveItem, path: str) -> None:
+        """Save one item in its format; resumable ones get the epoch, step and seed states beside them."""
+        model = self.model
+        if item.format == "weights":
+            model.save_weights(path, overwrite=True)
+        elif path.endswith(LEGACY_EXT):
+            # Legacy HDF5 saving pops "optimizer" from the model's compile config, so every later
+            # .keras file would load with a default optimizer; keep the config as it was.
+            compile_config = getattr(model, "_compile_config", None)
+            config = getattr(compile_config, "config", None)
+            kept = dict(config) if isinstance(config, dict) else None
+            try:
+                model.save(path, overwrite=True)
+            finally:
+                if compile_config is not None and kept is not None:
+                    compile_config.config = kept
+        else:
+            model.save(path, overwrite=True)
+        if item.format in self._resumable:
+            epoch, step = self._saving
+            state = {
+                "format": _STATE_FORMAT,
+                "epoch": epoch,
+                "step": step,
+                "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_variables(model)],
+                **_backend_rng_state(),
+                "keras_version": keras.__version__,
+                "backend": keras.backend.backend(),
+            }
+            with open(path + STATE_SUFFIX, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+
+    def _report(self, epoch: int, plan: Plan, records: list[Record], previous_best: Any) -> None:
+        """ModelCheckpoint's verbose messages, on the checkpoint_hooks logger."""
+        engine = self._engine
+        if engine is None or not engine.is_writer or not log.isEnabledFor(engine.level):
+            return
+        policy = engine.policy
+        monitor = policy.monitor
+        score = plan.metrics.get(monitor) if monitor else None
+        if monitor is None or score is None:
+            return
+        before = "None" if previous_best is None else f"{float(previous_best):.5f}"
+        ranked = [r for r in records if BEST in r.roles]
+        reference = None if previous_best is None else float(previous_best)
+        args: tuple[Any, ...]
+        if ranked and is_better(score, reference, policy.resolved_mode, policy.min_delta):
+            message, args = "Epoch %d: %s improved from %s to %.5f, saving model to %s", (before, score)
+        elif ranked:
+            message, args = (
+                "Epoch %d: %s=%.5f enters the top %s (best %s), saving model to %s",
+                (
+                    score,
+                    policy.top_k if policy.top_k > 0 else "all",
+                    before,
+                ),
+            )
+        else:
+            log.log(engine.level, "Epoch %d: %s did not improve from %s", epoch + 1, monitor, before)
+            return
+        log.log(engine.level, message, epoch + 1, monitor, *args, engine.path_of(ranked[0]))
+
+    def _export_best(self, engine: Engine, record: Record) -> None:
+        """Export the best model as a SavedModel: into a staging folder, then renamed into place."""
+        assert engine.store is not None
+        root = engine.store.join("")
+        target = os.path.join(root, EXPORT_DIRNAME)
+        token = uuid.uuid4().hex[:12]
+        # The staging prefix lets the engine's start-up cleanup remove what an interrupted export left.
+        staged = os.path.join(root, f"{STAGING_PREFIX}export-{token}")
+        retired = os.path.join(root, f"{STAGING_PREFIX}retired-export-{token}")
+        try:
+            self.model.export(staged, format="tf_saved_model", verbose=False)
+            info = {
+                "record": record.name,
+                "checkpoint": record.primary_path,
+                "epoch": record.epoch + 1,
+                "step": record.step,
+                "metrics": dict(record.metrics),
+            }
+            with open(os.path.join(staged, EXPORT_INFO), "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=1)
+            if os.path.exists(target):
+                os.replace(target, retired)
+            os.replace(staged, target)
+        except Exception as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            if os.path.exists(retired) and not os.path.exists(target):
+                os.replace(retired, target)
+            message = f"could not export the best model ({record.name}) to {target}: {type(exc).__name__}: {exc}"
+            if engine.policy.on_save_error == "warn":
+                log.warning("%s; training goes on (on_save_error='warn')", message)
+                return
+            raise SaveError(message) from exc
+        shutil.rmtree(retired, ignore_errors=True)
+        self.export_path = target
+        log.log(engine.level, "exported the best model (%s) to %s", record.name, target)
+
+    def _sync_best(self) -> None:
+        """Keep Keras's `self.best` equal to the engine's best score (it survives restarts there)."""
+        engine = self._engine
+        if engine is None:
+            return
+        record = engine.best_record
+        score = record.score(engine.policy.monitor) if record is not None else None
+        self.best = score if score is not None else self._threshold
+
+    # -- fit end ----------------------------------------------------------------------
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._policy_mode:
+            return
+        self._reset_initial_epoch()
+        self._close()
+
+    def _reset_initial_epoch(self) -> None:
+        # fit() keeps reading model._initial_epoch on every later call; leave it as we found it.
+        if self._moved_initial_epoch and self.model is not None:
+            self.model._initial_epoch = None
+        self._moved_initial_epoch = False
+
+    def _close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    """The `<path>.state.json` written beside a resumable checkpoint; {} when there is none."""
+    try:
+        with open(path + STATE_SUFFIX, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("format") == _STATE_FORMAT else {}
+
+
+def _seed_variables(model: Any) -> list[Any]:
+    """The state variables of every SeedGenerator (dropout, noise layers); `.keras` files do not hold them."""
+    found = []
+    for layer in model._flatten_layers():
+        for generator in getattr(layer, "_seed_generators", ()):
+            found.append(generator.state)
+    return found
+
+
+def _backend_rng_state() -> dict[str, Any]:
+    """The torch backend's global generator: unseeded Dropout draws from it instead of a SeedGenerator."""
+    torch = sys.modules.get("torch") if keras.backend.backend() == "torch" else None
+    if torch is None:
+        return {}
+    state: dict[str, Any] = {"torch_rng_state": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda_rng_states"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_backend_rng_state(state: Mapping[str, Any]) -> None:
+    torch = sys.modules.get("torch") if keras.backend.backend() == "torch" else None
+    if torch is None or "torch_rng_state" not in state:
+        return
+    torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+    cuda_states = state.get("torch_cuda_rng_states")
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda_states])
+
+
+def _keras_direction(model: Any, monitor: str) -> str | None:
+    """ "up" or "down" from the compiled Keras metric named by `monitor`, if it says."""
+    name = monitor.removeprefix("val_")
+    for metric in getattr(model, "metrics", ()) or ():
+        for candidate in [metric, *(getattr(metric, "metrics", None) or ())]:
+            if getattr(candidate, "name", None) == name and getattr(candidate, "_direction", None) in ("up", "down"):
+                return str(candidate._direction)
+    return None
+
+
+@contextlib.contextmanager
+def _strategy_scope(model: Any) -> Iterator[None]:
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        yield
+        return
+    with strategy.scope():
+        yield

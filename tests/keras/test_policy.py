@@ -1,0 +1,289 @@
+"""Policy mode: top-k, snapshots, last, formats, YAML, thresholds, resume within a process, corrupt files."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+from checkpoint_hooks import CheckpointPolicy, PolicyError
+from checkpoint_hooks.keras import BestCheckpoint
+from tests.keras.helpers import Script, Snapshot, data, listing, make_model, weights_equal
+
+
+def fit(model: keras.Model, callbacks: list[Any], epochs: int, **kwargs: Any) -> keras.callbacks.History:
+    x, y = data()
+    return model.fit(
+        x,
+        y,
+        validation_data=(x[:8], y[:8]),
+        batch_size=8,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def files_of(name: str, ext: str = ".keras", resumable: bool = True) -> list[str]:
+    """The files one record leaves: the checkpoint, its RNG/epoch state when resumable, the engine's sidecar."""
+    return [name + ext, *([name + ext + ".state.json"] if resumable else []), name + ".meta.json"]
+
+
+def directory(*records: list[str]) -> list[str]:
+    """The sorted listing of a checkpoint directory that holds these records' files."""
+    return sorted([*(name for files in records for name in files), "manifest.json", ".checkpoint_hooks.lock"])
+
+
+def manifest(dirpath: Any) -> dict[str, Any]:
+    with open(os.path.join(dirpath, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def tags(dirpath: Any) -> dict[str, list[str]]:
+    return {r["name"]: r["tags"] for r in manifest(dirpath)["records"]}
+
+
+def test_top_k_snapshots_and_last_keep_exactly_the_right_files(tmp_path: Any) -> None:
+    values = [0.5, 0.4, 0.6, 0.3, 0.45, 0.35]
+    callback = BestCheckpoint(
+        monitor="val_loss",
+        dirpath=str(tmp_path),
+        top_k=2,
+        snapshots={"every_n_epochs": 2, "keep": 2},
+        filename="e{epoch}-{val_loss:.2f}",
+    )
+    states = Snapshot()
+    fit(make_model(), [Script(values), callback, states], epochs=6)
+    assert listing(str(tmp_path)) == directory(files_of("e4-0.30"), files_of("e6-0.35"))
+    assert tags(tmp_path) == {"e4-0.30": ["best", "snapshot"], "e6-0.35": ["best", "last", "snapshot"]}
+    assert callback.best == 0.3
+    assert callback.best_model_path == str(tmp_path / "e4-0.30.keras")
+    assert callback.last_model_path == str(tmp_path / "e6-0.35.keras")
+    best = keras.models.load_model(callback.best_model_path)
+    assert weights_equal(best.get_weights(), states.weights[3])
+    assert int(best.optimizer.iterations.numpy()) == 16  # 4 epochs x 4 batches: the optimizer state is in the file
+
+
+def test_weights_format_keeps_a_separate_resumable_last(tmp_path: Any) -> None:
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), save_weights_only=True, filename="w{epoch}")
+    states = Snapshot()
+    model = make_model()
+    fit(model, [Script([0.3, 0.5, 0.4]), callback, states], epochs=3)
+    expected = directory(files_of("w1", ".weights.h5", resumable=False), files_of("last-epoch=003-step=12"))
+    assert listing(str(tmp_path)) == expected
+    assert callback.policy is not None and callback.policy.format == "weights"
+    fresh = make_model()
+    fresh.load_weights(str(tmp_path / "w1.weights.h5"))
+    assert weights_equal(fresh.get_weights(), states.weights[0])
+    last = keras.models.load_model(str(tmp_path / "last-epoch=003-step=12.keras"))
+    assert weights_equal(last.get_weights(), states.weights[2])
+
+
+def test_legacy_h5_models_and_training_state(tmp_path: Any) -> None:
+    legacy = BestCheckpoint(str(tmp_path / "h5" / "m{epoch}.h5"), monitor="val_loss", top_k=1)
+    state = BestCheckpoint(
+        monitor="val_loss", dirpath=str(tmp_path / "ts"), format="training_state", filename="s{epoch}"
+    )
+    states = Snapshot()
+    fit(make_model(), [Script([0.3, 0.5, 0.4]), legacy, state, states], epochs=3)
+    # Legacy .h5 does not restore the optimizer, so the rolling last is a separate .keras.
+    expected = directory(files_of("m1", ".h5", resumable=False), files_of("last-epoch=003-step=12"))
+    assert listing(str(tmp_path / "h5")) == expected
+    h5 = keras.models.load_model(str(tmp_path / "h5" / "m1.h5"), compile=False)
+    assert weights_equal(h5.get_weights(), states.weights[0])
+    assert listing(str(tmp_path / "ts")) == directory(files_of("s1"), files_of("s3"))
+    restored = keras.models.load_model(str(tmp_path / "ts" / "s3.keras"))
+    assert weights_equal(restored.get_weights(), states.weights[2])
+    assert int(restored.optimizer.iterations.numpy()) == 12
+    records = {r["name"]: r for r in manifest(tmp_path / "ts")["records"]}
+    assert (records["s3"]["epoch"], records["s3"]["step"], records["s3"]["format"]) == (2, 12, "training_state")
+    with open(tmp_path / "ts" / "s3.keras.state.json", encoding="utf-8") as f:
+        assert json.load(f)["epoch"] == 2
+
+
+def test_yaml_policy_and_overrides(tmp_path: Any) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        f"dirpath: {tmp_path / 'ck'}\nmonitor: val_loss\ntop_k: 2\nfilename: 'y{{epoch}}'\nlast: false\n",
+        encoding="utf-8",
+    )
+    callback = BestCheckpoint.from_yaml(path, top_k=1)
+    assert callback.policy == CheckpointPolicy(
+        dirpath=str(tmp_path / "ck"), monitor="val_loss", top_k=1, filename="y{epoch}", last=False
+    )
+    other = BestCheckpoint(policy=str(path))
+    assert other.policy is not None and other.policy.top_k == 2 and other.monitor == "val_loss"
+    fit(make_model(), [Script([0.3, 0.5, 0.2]), callback], epochs=3)
+    assert listing(str(tmp_path / "ck")) == directory(files_of("y3"))
+
+
+def test_initial_value_threshold_must_be_beaten(tmp_path: Any) -> None:
+    callback = BestCheckpoint(
+        monitor="val_loss",
+        dirpath=str(tmp_path),
+        filename="t{epoch}",
+        initial_value_threshold=0.35,
+        save_best_only=True,
+    )
+    fit(make_model(), [Script([0.5, 0.4, 0.3, 0.36]), callback], epochs=4)
+    assert tags(tmp_path) == {"t3": ["best"], "t4": ["last"]}
+    assert callback.best == 0.3
+
+
+def test_missing_monitor_warns_once_and_still_saves_last(tmp_path: Any) -> None:
+    callback = BestCheckpoint(monitor="val_nope", mode="min", dirpath=str(tmp_path), filename="n{epoch}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(make_model(), [callback], epochs=3)
+    messages = [str(w.message) for w in caught if "val_nope" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        "Can save best model only with val_nope available. Logged metrics: loss, mae, val_loss, val_mae"
+    )
+    assert tags(tmp_path) == {"n3": ["last"]}
+
+
+def test_best_score_and_kept_set_survive_a_restart(tmp_path: Any) -> None:
+    first = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="r{epoch}", top_k=2, save_best_only=True)
+    fit(make_model(), [Script([0.5, 0.3, 0.4]), first], epochs=3)
+    assert tags(tmp_path) == {"r1": ["best"], "r2": ["best"], "r3": ["last"]}
+    # A new process would build a new model and callback: values worse than the best saved nothing as best.
+    model = make_model(seed=1)
+    second = BestCheckpoint(
+        monitor="val_loss", dirpath=str(tmp_path), filename="r{epoch}", top_k=2, save_best_only=True
+    )
+    seen = []
+    probe = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.append(second.best))
+    history = fit(model, [Script([9, 9, 9, 0.35, 0.32]), second, probe], epochs=5)
+    assert history.epoch == [3, 4]
+    assert seen == [0.3]
+    assert tags(tmp_path) == {"r1": ["best"], "r2": ["best"], "r5": ["last"]}
+    assert second.best == 0.3 and model._initial_epoch is None
+
+
+def test_resume_restores_weights_and_optimizer(tmp_path: Any) -> None:
+    states = Snapshot()
+    fit(make_model(), [BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path)), states], epochs=2)
+    model = make_model(seed=1)
+    seen = []
+    probe = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: seen.append((model.get_weights(), int(model.optimizer.iterations.numpy())))
+    )
+    history = fit(model, [BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path)), probe], epochs=3)
+    assert history.epoch == [2]
+    assert weights_equal(seen[0][0], states.weights[1]) and seen[0][1] == 8
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    fit(
+        make_model(),
+        [Script([0.3, 0.5, 0.6]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="c{epoch}")],
+        epochs=3,
+    )
+    assert tags(tmp_path) == {"c1": ["best"], "c3": ["last"]}
+    newest = tmp_path / "c3.keras"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        history = fit(
+            make_model(),
+            [Script([0] + [0.4] * 3), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="c{epoch}")],
+            epochs=4,
+        )
+    assert history.epoch == [1, 2, 3]
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "c3.keras" in skipped[0] and "checksum mismatch" in skipped[0]
+    assert tags(tmp_path) == {"c1": ["best"], "c4": ["last"]}
+
+
+def test_explicit_resume_path(tmp_path: Any) -> None:
+    fit(
+        make_model(),
+        [Script([0.3, 0.5, 0.6]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="p{epoch}")],
+        epochs=3,
+    )
+    callback = BestCheckpoint(
+        monitor="val_loss", dirpath=str(tmp_path), filename="p{epoch}", resume=str(tmp_path / "p1.keras")
+    )
+    history = fit(make_model(seed=1), [Script([0] * 3), callback], epochs=3)
+    assert history.epoch == [1, 2]
+    # The older timeline stays untouched; the forked run keeps its own checkpoints.
+    names = sorted(r["name"] for r in manifest(tmp_path)["records"])
+    assert names == ["p1", "p2", "p3", "p3-v1"]
+
+
+def test_a_second_fit_of_the_same_callback_continues_its_run(tmp_path: Any) -> None:
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="s{epoch}")
+    model = make_model()
+    fit(model, [Script([0.3, 0.4]), callback], epochs=2)
+    run = callback.engine.run if callback.engine else None
+    # The lock is released at fit end: another open file description can take it.
+    with open(tmp_path / ".checkpoint_hooks.lock", "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    history = fit(model, [Script([0.2, 0.5]), callback], epochs=2)
+    assert history.epoch == [0, 1]  # no reload, no skipped epochs: the model in memory is the newest state
+    assert callback.engine is not None and callback.engine.run == run
+    assert tags(tmp_path) == {"s1-v1": ["best"], "s2": ["last"]}
+
+
+def test_mode_auto_takes_the_keras_metric_direction(tmp_path: Any) -> None:
+    model = make_model()
+    model.compile(optimizer="adam", loss="mse", metrics=[keras.metrics.AUC(name="roc_thing")])
+    callback = BestCheckpoint(monitor="val_roc_thing", dirpath=str(tmp_path), filename="a{epoch}")
+    x, y = data()
+    labels = (y > y.mean()).astype("float32")
+    model.fit(x, labels, validation_data=(x, labels), epochs=1, verbose=0, callbacks=[callback])
+    assert callback.engine is not None and callback.engine.policy.resolved_mode == "max"
+
+
+BAD_ARGUMENTS = [
+    (dict(dirpath="x", save_freq=5), "save_freq counted in batches is not supported yet"),
+    (dict(filepath="x/m-{batch}.keras", top_k=2), "the {batch} placeholder"),
+    (dict(save_weights_only=True, format="model"), "Received: save_weights_only=True, format='model'"),
+    (dict(filepath="x/m.keras", dirpath="y"), "give either filepath or dirpath"),
+    (dict(filepath="x/m.h5", format="training_state"), "needs the native .keras format"),
+    (dict(filepath="x/m.keras", format="weights"), "format='weights' writes .weights.h5 files"),
+    (dict(dirpath="s3://bucket/run", export_best=True), "export_best writes a SavedModel directory"),
+    (dict(top_k=-3), "top_k must be -1"),
+    (dict(monitor=None, top_k=3), "needs a monitor to rank checkpoints"),
+]
+
+
+def test_bad_policy_arguments_raise_policy_error_and_leave_fit_alone(tmp_path: Any) -> None:
+    model = make_model()
+    fit(model, [], epochs=1)
+    for kwargs, message in BAD_ARGUMENTS:
+        with pytest.raises(PolicyError) as caught:
+            BestCheckpoint(**kwargs)
+        assert message in str(caught.value), (kwargs, str(caught.value))
+    assert not os.path.exists("x") and not os.path.exists("y")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="SavedModel export needs the TensorFlow backend")
+def test_export_best_writes_a_loadable_saved_model(tmp_path: Any) -> None:
+    import tensorflow as tf
+
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="x{epoch}", export_best=True)
+    states = Snapshot()
+    model = make_model()
+    fit(model, [Script([0.5, 0.3, 0.4]), callback, states], epochs=3)
+    export = tmp_path / "best_export"
+    assert callback.export_path == str(export)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging-")]
+    with open(export / "checkpoint_hooks.json", encoding="utf-8") as f:
+        assert json.load(f)["record"] == "x2"
+    x, _ = data()
+    model.set_weights(states.weights[1])
+    loaded = tf.saved_model.load(str(export))
+    np.testing.assert_allclose(np.asarray(loaded.serve(x)), model.predict(x, verbose=0), rtol=1e-6)
