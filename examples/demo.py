@@ -1,43 +1,109 @@
-"""`make demo`: train, crash mid-way, run the same command again, and look at what was kept.
+"""`make demo`: in each framework, train a tiny model with BestCheckpoint, kill the run mid-way with SIGKILL,
+run the same command again (it continues), then print the checkpoint table and draw the metric.
 
-Outputs go to demo_output/ (printed at the end).
+    python examples/demo.py            # Lightning, Keras and Paddle, then a framework-free loop
+    python examples/demo.py --quick    # fewer epochs (what the test suite runs)
+
+Each framework runs in its own process. Outputs go to demo_output/ (printed at the end).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.abspath("demo_output")
+ROOT = os.path.dirname(HERE)
 
 
-def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    print("$ " + " ".join(os.path.relpath(c) if os.path.exists(c) else c for c in cmd), flush=True)
-    proc = subprocess.run(cmd, text=True)
-    if check and proc.returncode != 0:
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def committed_epochs(directory: str) -> list[int]:
+    try:
+        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+            return sorted({r["epoch"] for r in json.load(f)["records"]})
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+
+
+def train(command: list[str], log_path: str, kill_after_epoch: int | None) -> int:
+    """Run a training command; with `kill_after_epoch`, SIGKILL it once that epoch is committed."""
+    say("$ " + " ".join(os.path.relpath(c, os.getcwd()) if os.path.isabs(c) else c for c in command))
+    directory = command[command.index("--dir") + 1]
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env())
+        while proc.poll() is None:
+            if kill_after_epoch is not None and kill_after_epoch in committed_epochs(directory):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                say(f"  killed with SIGKILL after epoch {kill_after_epoch} was committed (no cleanup ran)")
+                return proc.returncode
+            time.sleep(0.05)
+    if proc.returncode != 0:
+        say(f"  failed with exit code {proc.returncode}; see {log_path}")
         sys.exit(proc.returncode)
-    return proc
+    epochs = committed_epochs(directory)
+    say(f"  finished: checkpoints of epochs {epochs} are kept")
+    return 0
 
 
-def toy() -> None:
-    directory = os.path.join(OUT, "toy")
-    script = os.path.join(HERE, "toy_training.py")
-    print("\n== a framework-free loop on the engine: crash after epoch 4, then the same command again")
-    crashed = run([sys.executable, script, "--dir", directory, "--epochs", "8", "--crash-after-epoch", "4"], check=False)
-    print(f"(the first run ended abruptly with exit code {crashed.returncode})")
-    run([sys.executable, script, "--dir", directory, "--epochs", "8"])
-    run([sys.executable, "-m", "checkpoint_hooks.cli", "ls", directory, "--verify"])
-    run([sys.executable, "-m", "checkpoint_hooks.cli", "best", directory])
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "checkpoint_hooks.cli", *args], env=env(), check=True)
+
+
+def show(name: str, directory: str) -> None:
+    cli("ls", directory, "--verify")
+    plot = os.path.join(os.path.dirname(directory), f"{name}.png")
+    cli("plot", directory, "-o", plot)
 
 
 def main() -> None:
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(OUT)
-    toy()
-    print(f"\noutputs are in {OUT}")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer epochs")
+    parser.add_argument("--out", default="demo_output")
+    parser.add_argument("--only", default="lightning,keras,paddle,toy", help="comma-separated subset")
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    epochs, kill_after = (4, 1) if args.quick else (8, 3)
+    runs = {
+        "lightning": [sys.executable, os.path.join(HERE, "lightning_quickstart.py"), "--epochs", str(epochs)],
+        "keras": [sys.executable, os.path.join(HERE, "keras_quickstart.py"), "--epochs", str(epochs)],
+        "paddle": [sys.executable, os.path.join(HERE, "paddle_quickstart.py"), "--epochs", str(epochs)],
+        "toy": [sys.executable, os.path.join(HERE, "toy_training.py"), "--epochs", str(epochs)],
+    }
+    started = time.monotonic()
+    for name in args.only.split(","):
+        directory = os.path.join(out, name, "checkpoints")
+        log_path = os.path.join(out, name, "training.log")
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        command = [*runs[name], "--dir", directory]
+        say(f"\n== {name}: train {epochs} epochs, killed after epoch {kill_after}; then the same command again")
+        if name == "toy":
+            # too quick to be killed from outside at a given epoch: it ends itself abruptly instead
+            code = subprocess.run([*command, "--crash-after-epoch", str(kill_after)], env=env(),
+                                  capture_output=True).returncode
+            say(f"  ended abruptly after epoch {kill_after} (exit code {code}, no cleanup ran)")
+        else:
+            train(command, log_path, kill_after_epoch=kill_after)
+        train(command, log_path, kill_after_epoch=None)
+        show(name, directory)
+    say(f"\ndone in {time.monotonic() - started:.0f} s. Outputs are in {out}:")
+    for name in args.only.split(","):
+        say(f"  {name}: checkpoints/ (manifest.json and the checkpoints), {name}.png (the metric per epoch), training.log")
 
 
 if __name__ == "__main__":
