@@ -11,10 +11,12 @@ is found as `trainer.checkpoint_callback`, and keeps Lightning from adding its o
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -89,6 +91,39 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else None
     return value
+
+
+def _torch_save(item: SaveItem, state: Any, path: str) -> None:
+    torch.save(state, path)
+
+
+class _SnapshotBuffers:
+    """Copies of a state's tensors in host memory, reused from one save to the next.
+
+    Reusing the same buffers spares the copy the page faults of fresh allocations; a
+    buffer is free again once the save that used it is done (one save is in flight at most).
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def copy(self, value: Any, key: tuple[Any, ...]) -> Any:
+        if isinstance(value, torch.Tensor):
+            buffer = self._tensors.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu")
+                self._tensors[key] = buffer
+            buffer.copy_(value.detach())
+            return buffer
+        if isinstance(value, dict):
+            copied = {k: self.copy(v, (*key, k)) for k, v in value.items()}
+            out: dict[Any, Any] = OrderedDict(copied) if isinstance(value, OrderedDict) else copied
+            if hasattr(value, "_metadata"):  # state_dict versions, read back by load_state_dict
+                out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+            return out
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(self.copy(v, (*key, i)) for i, v in enumerate(value))
+        return copy.deepcopy(value)  # numbers, strings, RNG states: small, and they change as training goes on
 
 
 class BestCheckpoint(*_BASES):  # type: ignore[misc]
@@ -173,6 +208,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         self._ever_validated = False
         self._missing_warned = False
         self._model_warned = False
+        self._buffers = _SnapshotBuffers()
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> BestCheckpoint:
@@ -273,11 +309,15 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                 mid_epoch=True, preempted=preempted,
             )
         plan = trainer.strategy.broadcast(plan)
-        self._execute(self._engine, plan, trainer, pl_module)
+        # in the foreground: a save on preemption must be on disk before the process ends
+        self._execute(self._engine, plan, trainer, pl_module, background=not preempted)
         self._sync(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        pass  # the rolling last was saved at the final epoch end
+        # the rolling last was saved at the final epoch end; a background save of it finishes here
+        if self._engine is not None:
+            self._engine.wait()
+            self._sync(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         engine = self._engine
@@ -309,7 +349,11 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                 self._missing_warned = True
                 log.warning("%s; skipping top-k until it appears", exc)
 
-    def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any) -> None:
+    def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any, background: bool = True) -> None:
+        if background and self.policy.async_save and all(item.format != "model" for item in plan.items):
+            engine.execute_async(plan, lambda item: self._snapshot(item, trainer, pl_module), _torch_save)
+            return
+
         def write(item: SaveItem, path: str) -> None:
             if item.format == TRAINING_STATE:
                 trainer.save_checkpoint(path)  # every rank: the strategy gathers state, rank zero writes
@@ -327,6 +371,15 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                     torch.save(pl_module, path)
 
         engine.execute(plan, write)
+
+    def _snapshot(self, item: SaveItem, trainer: Any, pl_module: Any) -> Any:
+        """What `write` would save, copied into host memory the background save owns (async_save)."""
+        if item.format == TRAINING_STATE:
+            state = trainer._checkpoint_connector.dump_checkpoint(False)  # every rank, as save_checkpoint does
+            trainer.strategy.barrier("BestCheckpoint.snapshot")
+        else:
+            state = pl_module.state_dict()
+        return self._buffers.copy(state, (item.format,)) if trainer.is_global_zero else None
 
     # -- ModelCheckpoint's public attributes ---------------------------------------------
 

@@ -130,7 +130,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     resume: str = Field(default="auto", description="auto resumes from the newest verified training_state in dirpath; never starts fresh; or a checkpoint path to resume from.")
     async_save: bool = Field(
         default=False,
-        description="Reserved for saving in a background worker; not available yet: true logs a warning and saves synchronously.",
+        description="Write, hash, commit and prune in a background worker; training waits only for a copy of the state in host memory (Lightning; Keras and Paddle save synchronously and say so).",
     )
     verify: bool = Field(default=True, description="Record a checksum for every file and verify it before resuming from it.")
     on_save_error: Literal["raise", "warn"] = Field(

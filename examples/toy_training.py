@@ -40,13 +40,15 @@ def main() -> None:
     parser.add_argument("--crash-after-epoch", type=int, default=None, help="exit abruptly after this epoch's save")
     parser.add_argument("--policy", default=None, help="a policy YAML file instead of the built-in one")
     parser.add_argument("--payload-bytes", type=int, default=0, help="pad each checkpoint (to widen the write window)")
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.policy:
         policy = CheckpointPolicy.from_yaml(args.policy).model_copy(update={"dirpath": args.dir})
     else:
-        policy = CheckpointPolicy(dirpath=args.dir, monitor="val_loss", top_k=2, snapshots={"every_n_epochs": 3}, verbose=True)
+        policy = CheckpointPolicy(dirpath=args.dir, monitor="val_loss", top_k=2, snapshots={"every_n_epochs": 3},
+                                  verbose=True, async_save=args.async_save)
     engine = Engine(policy, extensions={"training_state": ".json"})
     state = {"w": 0.0, "b": 0.0, "lr": 0.05, "step": 0, "epoch": -1, "rng": None}
     rng = random.Random(0)
@@ -57,17 +59,30 @@ def main() -> None:
         rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
     padding = "x" * args.payload_bytes
 
+    def snapshot(item):
+        # what the training loop pays for in the background mode: a copy of the state
+        return json.dumps({"state": state, "padding": padding})
+
     def write(item, path):
         with open(path, "w") as f:
-            json.dump({"state": state, "padding": padding}, f)
+            f.write(snapshot(item))
+
+    def write_snapshot(item, payload, path):
+        with open(path, "w") as f:
+            f.write(payload)
 
     try:
         for epoch in range(state["epoch"] + 1, args.epochs):
             val_loss = train_epoch(state, rng)
             state["epoch"] = epoch
             state["rng"] = rng.getstate()
-            engine.save(epoch, state["step"], {"val_loss": val_loss}, write)
+            plan = engine.plan(epoch, state["step"], {"val_loss": val_loss})
+            if policy.async_save:
+                engine.execute_async(plan, snapshot, write_snapshot)
+            else:
+                engine.execute(plan, write)
             if args.crash_after_epoch == epoch:
+                engine.wait()
                 os._exit(17)  # no cleanup at all, like a SIGKILL
     finally:
         engine.close()

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -107,6 +108,8 @@ class Engine:
     _seen_metrics: set[str] = field(init=False, default_factory=set)
     _last_save_time: float = field(init=False, default_factory=time.monotonic)
     _last_saved_step: int = field(init=False, default=-1)
+    _worker: ThreadPoolExecutor | None = field(init=False, default=None)
+    _inflight: Future[list[Record]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.format not in self.extensions:
@@ -120,8 +123,6 @@ class Engine:
 
                 raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
         self.directory = CheckpointDirectory(self.store)
-        if self.policy.async_save:
-            log.warning("async_save is not available yet; checkpoints are saved synchronously")
 
     # -- properties -------------------------------------------------------------------
 
@@ -338,6 +339,7 @@ class Engine:
 
     def plan(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> Plan:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
+        self.wait()  # retention decides on what is committed, including a save still in flight
         values = self._observe(epoch, step, metrics)
         roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
         if not roles:
@@ -362,6 +364,7 @@ class Engine:
         It becomes the rolling last (the resume point); `epoch` is the epoch it was saved in and
         `mid_epoch` says whether that epoch had finished.
         """
+        self.wait()
         values = clean_metrics(metrics)
         roles = frozenset({LAST, PREEMPTED} if preempted else {LAST})
         template = PREEMPTED_TEMPLATE if preempted else LAST_TEMPLATE
@@ -411,6 +414,7 @@ class Engine:
 
     def execute(self, plan: Plan, write: Writer) -> list[Record]:
         """Write the plan's items, commit them in one manifest write, then prune."""
+        self.wait()
         if not plan:
             return []
         if not self.run_decided:
@@ -421,6 +425,45 @@ class Engine:
                 for item in plan.items:
                     write(item, os.path.join(scratch, item.filename))
             return []
+        return self._save_now(plan, write)
+
+    def execute_async(
+        self, plan: Plan, snapshot: Callable[[SaveItem], Any], write: Callable[[SaveItem, Any, str], None]
+    ) -> None:
+        """Save in the background: only `snapshot(item)` (a copy of the state in host memory) runs here.
+
+        Writing, hashing, committing and pruning run in a worker thread through the same
+        steps as `execute`, so nothing is visible before its commit. At most one save is in
+        flight: this and every plan wait for the previous one. Its error surfaces at the next
+        plan or save, or at `wait()`/`close()` (the end of fit).
+        """
+        self.wait()
+        if not plan:
+            return
+        if not self.run_decided:
+            self.start_fresh()
+        payloads: dict[str, Any] = {}
+        for item in plan.items:
+            self._writing = item  # a framework's state_dict hooks may ask which record this becomes
+            try:
+                payloads[item.name] = snapshot(item)
+            finally:
+                self._writing = None
+        if not self.is_writer:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
+        self._inflight = self._worker.submit(
+            self._save_now, plan, lambda item, path: write(item, payloads[item.name], path)
+        )
+
+    def wait(self) -> None:
+        """Wait for the background save in flight, if any, and raise its error."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def _save_now(self, plan: Plan, write: Writer) -> list[Record]:
         started = time.perf_counter()
         records: list[Record] = []
         try:
@@ -592,6 +635,16 @@ class Engine:
     # -- end --------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Finish a background save, release the directory; raises that save's error, if any."""
+        try:
+            self.wait()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         for tmp in self._materialized:
             shutil.rmtree(tmp, ignore_errors=True)
         self._materialized.clear()

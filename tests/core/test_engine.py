@@ -309,3 +309,44 @@ def test_a_non_writer_follows_the_writers_resume_point_without_locking(tmp_path)
     assert reader.execute(reader.plan(2, 3, {"val_loss": 0.1}), write_bytes) == []  # writes nothing
     writer_again.close()
     e.close()
+
+
+def test_async_save_snapshots_now_writes_later_and_surfaces_errors(tmp_path, caplog):
+    import threading
+
+    e = engine(dirpath=str(tmp_path), top_k=2, async_save=True)
+    e.start()
+    state = {"value": b"first"}
+    release = threading.Event()
+    started = threading.Event()
+
+    def snapshot(item):
+        return bytes(state["value"])  # the copy the training loop pays for
+
+    def write(item, payload, path):
+        started.set()
+        release.wait(10)
+        with open(path, "wb") as f:
+            f.write(payload)
+
+    e.execute_async(e.plan(0, 1, {"val_loss": 0.5}), snapshot, write)
+    state["value"] = b"changed after the snapshot"
+    assert started.wait(10)
+    assert e.manifest.records == [] and not any(n.endswith(".ckpt") for n in os.listdir(tmp_path))  # nothing visible yet
+    threading.Timer(0.2, release.set).start()
+    plan = e.plan(1, 2, {"val_loss": 0.4})  # waits for the save in flight, then decides on it
+    (first,) = e.manifest.records
+    assert (tmp_path / first.primary_path).read_bytes() == b"first"
+    assert [i.name for i in plan.items] == ["epoch=001-val_loss=0.4000"]
+
+    def broken(item, payload, path):
+        raise OSError(28, "No space left on device")
+
+    e.execute_async(plan, snapshot, broken)
+    with pytest.raises(SaveError, match="No space left on device"):
+        e.plan(2, 3, {"val_loss": 0.3})
+    assert [r.epoch for r in e.manifest.records] == [0]  # nothing of the failed save was committed
+    e.execute_async(e.plan(2, 3, {"val_loss": 0.3}), snapshot, lambda item, payload, path: open(path, "wb").write(payload))
+    e.close()  # flushes
+    assert [r.epoch for r in e.manifest.records] == [0, 2]
+    assert e.directory.verify() == []

@@ -227,3 +227,25 @@ def test_time_trigger_maps_train_time_interval(tmp_path):
 
     cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, train_time_interval=timedelta(seconds=30), save_on_exception=False)
     assert (cb.policy.every_n_minutes, cb.policy.save_on_preemption) == (0.5, False)
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
+    def run(directory, async_save):
+        LP.seed_everything(3, verbose=False)
+        cb = BestCheckpoint(monitor="val_loss", dirpath=directory, top_k=2, snapshots={"every_n_epochs": 2},
+                            async_save=async_save)
+        fit(LP, cb, 4)
+        return cb
+
+    sync_cb, async_cb = run(tmp_path / "sync", False), run(tmp_path / "async", True)
+    listing = lambda d: sorted((r["name"], tuple(r["tags"]), r["step"]) for r in manifest(d)["records"])  # noqa: E731
+    assert listing(tmp_path / "async") == listing(tmp_path / "sync")
+    assert os.path.basename(async_cb.best_model_path) == os.path.basename(sync_cb.best_model_path)
+    assert async_cb.last_model_path.endswith(os.path.basename(sync_cb.last_model_path))
+    for name, _tags, _step in listing(tmp_path / "sync"):
+        a = torch.load(tmp_path / "async" / f"{name}.ckpt", weights_only=False)
+        s = torch.load(tmp_path / "sync" / f"{name}.ckpt", weights_only=False)
+        assert a["state_dict"].keys() == s["state_dict"].keys()
+        assert all(torch.equal(a["state_dict"][k], s["state_dict"][k]) for k in s["state_dict"])
+        assert a["global_step"] == s["global_step"] and a["epoch"] == s["epoch"]
+        assert a["optimizer_states"][0]["state"][0]["exp_avg"].equal(s["optimizer_states"][0]["state"][0]["exp_avg"])

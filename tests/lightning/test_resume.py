@@ -34,15 +34,20 @@ def assert_same_state(a_path, b_path):
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
-@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
-def test_killed_and_rerun_equals_uninterrupted(tmp_path, namespace):
+@pytest.mark.parametrize(
+    "namespace, extra",
+    [("lightning.pytorch", []), ("pytorch_lightning", []), ("lightning.pytorch", ["--async-save"])],
+    ids=["lightning", "pytorch_lightning", "async_save"],
+)
+def test_killed_and_rerun_equals_uninterrupted(tmp_path, namespace, extra):
     full = run_script("--dir", str(tmp_path / "full"), "--epochs", "4", "--out", str(tmp_path / "full.pt"), "--namespace", namespace)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = run_script("--dir", str(tmp_path / "split"), "--epochs", "4", "--out", str(tmp_path / "split.pt"),
-                        "--namespace", namespace, "--kill-at-epoch", "2")
+                        "--namespace", namespace, "--kill-at-epoch", "2", *extra)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "split.pt").exists()
-    resumed = run_script("--dir", str(tmp_path / "split"), "--epochs", "4", "--out", str(tmp_path / "split.pt"), "--namespace", namespace)
+    resumed = run_script("--dir", str(tmp_path / "split"), "--epochs", "4", "--out", str(tmp_path / "split.pt"),
+                         "--namespace", namespace, *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_state(tmp_path / "full.pt", tmp_path / "split.pt")
     # retention went on as if uninterrupted: the same checkpoints, with the same tags

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--namespace", default="lightning.pytorch")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--signal-ready-at-step", type=int, default=None,
                         help="from this global step on: write <out>.ready and slow down (so a test can send SIGTERM)")
     args = parser.parse_args()
@@ -44,7 +45,8 @@ def main() -> None:
                     f.write(str(trainer.global_step))
                 time.sleep(0.5)
 
-    checkpoint = BestCheckpoint(monitor="val_loss", dirpath=args.dir, top_k=2, snapshots={"every_n_epochs": 2})
+    checkpoint = BestCheckpoint(monitor="val_loss", dirpath=args.dir, top_k=2, snapshots={"every_n_epochs": 2},
+                                async_save=args.async_save)
     trainer = L.Trainer(
         max_epochs=args.epochs, callbacks=[Killer(), checkpoint], logger=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", devices=args.devices, strategy=args.strategy,

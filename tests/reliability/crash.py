@@ -87,6 +87,15 @@ class ToyTarget(Target):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class ToyAsyncTarget(ToyTarget):
+    """The toy training with async_save: every phase of a save runs on the background worker."""
+
+    name = "toy-async"
+
+    def command(self, dirpath: str, out: str) -> list[str]:
+        return [*super().command(dirpath, out), "--async-save"]
+
+
 class LightningTarget(Target):
     name = "lightning"
     epochs = 4
@@ -104,7 +113,7 @@ class LightningTarget(Target):
         return {k: v.tolist() for k, v in state["state_dict"].items()} | {"step": state["global_step"]}
 
 
-TARGETS = {"toy": ToyTarget, "lightning": LightningTarget}
+TARGETS = {"toy": ToyTarget, "toy-async": ToyAsyncTarget, "lightning": LightningTarget}
 
 
 def _env(fault: str | None) -> dict[str, str]:

@@ -22,6 +22,12 @@ def test_toy_training_survives_24_kills(tmp_path):
     assert summary.runs_completed >= 1
 
 
+def test_background_saves_survive_kills_in_every_phase(tmp_path):
+    summary = campaign("toy-async", kills=15, seed=4, workdir=str(tmp_path), random_share=0.2)
+    assert_ok(summary)
+    assert set(PHASES) <= set(summary.kills_by_phase)
+
+
 def test_lightning_training_survives_a_kill_in_every_phase(tmp_path):
     summary = campaign("lightning", kills=len(PHASES), seed=2, workdir=str(tmp_path), random_share=0.0)
     assert_ok(summary)
