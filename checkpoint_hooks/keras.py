@@ -9,6 +9,28 @@ snapshots, a rolling last checkpoint, retention that survives restarts, and a
 
     model.fit(x, y, validation_data=(xv, yv), epochs=20,
               callbacks=[BestCheckpoint(monitor="val_loss", dirpath="ckpt", top_k=3)])
+
+Mid-epoch saves. `every_n_steps` (optimizer steps; an integer `save_freq` means
+the same in policy mode) and `every_n_minutes` save a training state inside an
+epoch, named `last-epoch=E-step=S.keras`; it becomes the rolling last. Keras
+cannot start an epoch at a given batch, so a run resumed from such a save
+restarts epoch E from its first batch with the restored weights and optimizer
+state: the batches of epoch E trained before the save are trained again, the
+epochs end where an uninterrupted run ends, and the optimizer step count ends
+higher by the number of repeated batches (a warning says how many).
+
+Preemption (`save_on_preemption`, on by default). During fit() a SIGTERM only
+sets a flag. At the next batch end (or epoch end) the callback saves a training
+state tagged `preempted`, stops training, puts back the SIGTERM handler that was
+there before fit() and raises the signal again, so the process ends as SIGTERM
+would have ended it (or the user's own handler runs). An exception escaping a
+training step (`model.train_function`, which the callback wraps for the length
+of fit(); Ctrl-C during a step included) saves one too before it propagates.
+Keras gives callbacks no hook for exceptions raised elsewhere (in another
+callback, in validation): those end fit() without a save, and the next fit()
+resumes from the last save before them. Under several processes
+(multi-worker tf.distribute, multi-process JAX) only SIGTERM saves; each process
+acts on its own signal and only the chief writes.
 """
 
 from __future__ import annotations
@@ -19,11 +41,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import keras
@@ -54,6 +79,10 @@ STATE_SUFFIX = ".state.json"  # written next to every resumable file: epoch, ste
 EXPORT_DIRNAME = "best_export"
 EXPORT_INFO = "checkpoint_hooks.json"
 _STATE_FORMAT = "checkpoint_hooks.keras"
+_ORIGINAL = "_checkpoint_hooks_original"  # on a wrapped train_function: the function it wraps
+_END_IF_STALE = "_checkpoint_hooks_end_if_stale"  # on a wrapped train_function: ends its fit session if over
+# How a dataset of unknown length ends an epoch: not a failure.
+_END_OF_DATA = ("StopIteration", "OutOfRangeError")
 
 
 class _Default:
@@ -108,7 +137,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         save_best_only: save only when the monitored value improves.
         save_weights_only: save `.weights.h5` files (policy mode: `format="weights"`).
         mode: "min", "max" or "auto".
-        save_freq: "epoch", or (drop-in mode only) an integer number of batches.
+        save_freq: "epoch", or an integer number of batches. In policy mode an integer N means
+            `every_n_steps=N`: counted in optimizer steps, so it goes on across a resume.
         initial_value_threshold: a checkpoint counts as best only when it beats this value.
         policy: a `CheckpointPolicy`, a mapping, or a YAML file path; other arguments override it.
         dirpath: checkpoint directory (local path or fsspec URL).
@@ -124,6 +154,12 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             or a path to a checkpoint to continue from.
         verify: checksum every file and verify it before resuming from it.
         on_save_error: "raise" stops training when a save fails, "warn" trains on.
+        every_n_steps: also save a training state every N optimizer steps, mid-epoch (the
+            rolling last; a resume restarts its epoch from the first batch).
+        every_n_minutes: also save a training state when this much wall time passed since the
+            last save.
+        save_on_preemption: on SIGTERM, or an exception escaping a training step, save a training
+            state tagged `preempted` before the process ends (default True).
         export_best: also export the best model as a TensorFlow SavedModel in
             `<dirpath>/best_export/` (for serving; `keras.layers.TFSMLayer` loads it).
     """
@@ -150,6 +186,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         resume: str | os.PathLike[str] | None = None,
         verify: bool | None = None,
         on_save_error: str | None = None,
+        every_n_steps: int | None = None,
+        every_n_minutes: float | None = None,
+        save_on_preemption: bool | None = None,
         export_best: bool = False,
     ) -> None:
         policy_fields = {
@@ -165,6 +204,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             "resume": None if resume is None else os.fspath(resume),
             "verify": verify,
             "on_save_error": on_save_error,
+            "every_n_steps": every_n_steps,
+            "every_n_minutes": every_n_minutes,
+            "save_on_preemption": save_on_preemption,
         }
         self._policy_mode = (
             filepath is None or policy is not None or export_best or any(v is not None for v in policy_fields.values())
@@ -203,15 +245,35 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         self._mode_settled = False
         self._saving: tuple[int, int] = (0, 0)
         self.export_path: str | None = None
+        # One fit() in policy mode: where it runs, what it replaced, what happened in it.
+        self._fit_frame: FrameType | None = None
+        self._in_fit = False
+        self._epoch = 0
+        self._batches = 0
+        self._epoch_batches = 0
+        self._last_step = 0
+        self._last_logs: Mapping[str, Any] = {}
+        self._signal_previous: Any = None
+        self._signal_pid = -1
+        self._wrapper: Callable[..., Any] | None = None
+        self._wrapped_model: Any = None
+        self._sigterm = False
+        self._preempted = False
         if not self._policy_mode:
             return
 
         if not isinstance(save_freq, str):
-            raise PolicyError(
-                "save_freq counted in batches is not supported yet together with policy fields (policy, dirpath, "
-                "top_k, ...); use save_freq='epoch', or drop the policy fields to get ModelCheckpoint's batch "
-                f"saving. Received: save_freq={save_freq!r}"
-            )
+            # ModelCheckpoint let only ints through; in policy mode they count optimizer steps.
+            if isinstance(save_freq, bool) or save_freq < 1:
+                raise PolicyError(
+                    f"save_freq must be 'epoch' or a positive number of batches. Received: save_freq={save_freq!r}"
+                )
+            if every_n_steps is not None and every_n_steps != save_freq:
+                raise PolicyError(
+                    "save_freq=N and every_n_steps=N ask for the same thing (a training state every N steps); "
+                    f"give one of them. Received: save_freq={save_freq!r}, every_n_steps={every_n_steps!r}"
+                )
+            policy_fields["every_n_steps"] = save_freq
         overrides = {k: v for k, v in policy_fields.items() if v is not None}
         base = load_policy(policy) if policy is not None else None
         if base is None or _given(monitor):
@@ -244,8 +306,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             name == "batch" for name, _spec in template_fields(policy_obj.filename)
         ):
             raise PolicyError(
-                "the {batch} placeholder needs batch-level saving, which policy mode does not do yet; remove it "
-                f"or drop the policy fields. Received: filename={policy_obj.filename!r}"
+                "the {batch} placeholder has no value in policy mode: its checkpoints are named at epoch ends "
+                "(mid-epoch saves are named last-epoch=E-step=S); use {step}, or drop the policy fields. "
+                f"Received: filename={policy_obj.filename!r}"
             )
         if self._export and is_url(policy_obj.dirpath):
             raise PolicyError(
@@ -345,11 +408,21 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         record = self._engine.last_record if self._engine is not None else None
         return self._engine.path_of(record) if self._engine is not None and record is not None else ""
 
+    @property
+    def preempted(self) -> bool:
+        """True once a SIGTERM (or a failing training step) stopped the current or latest fit().
+
+        After a SIGTERM it turns True at once; the training state tagged `preempted` follows at the
+        next batch end.
+        """
+        return self._sigterm or self._preempted
+
     # -- fit start ------------------------------------------------------------------------
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if not self._policy_mode:
             return
+        self._end_stale_sessions()
         self._reset_initial_epoch()
         self._close()
         assert self._policy is not None
@@ -374,6 +447,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         if engine.is_writer:
             self._run = engine.run
         self._sync_best()
+        self._begin_session(engine)
 
     def _begin(self, engine: Engine) -> None:
         resume = engine.policy.resume
@@ -391,7 +465,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             return
         record = engine.start()  # on other workers: the writer's resume point, read without the lock
         if record is not None:
-            self._restore(engine.local_path(record), record.epoch, f"{record.name} (epoch {record.epoch + 1})")
+            self._restore(engine.local_path(record), record.epoch, record.name, record.mid_epoch)
 
     def _resume_from_path(self, engine: Engine, path: str) -> None:
         record = engine.find_record(path) if engine.is_writer else None
@@ -403,18 +477,26 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                     "resume from another checkpoint or set resume='never'"
                 )
             engine.adopt(record, discard_newer=False)
-            self._restore(engine.local_path(record), record.epoch, f"{record.name} (epoch {record.epoch + 1})")
+            self._restore(engine.local_path(record), record.epoch, record.name, record.mid_epoch)
             return
         if not os.path.exists(path):
             raise PolicyError(
                 f"resume must be 'auto', 'never' or an existing checkpoint file; {path!r} does not exist. "
                 f"Received: resume={path!r}"
             )
-        epoch = _read_state(path).get("epoch")
-        self._restore(path, int(epoch) if isinstance(epoch, int) else None, path)
+        state = _read_state(path)
+        epoch = state.get("epoch")
+        self._restore(path, epoch if isinstance(epoch, int) else None, path, bool(state.get("mid_epoch", False)))
 
-    def _restore(self, path: str, epoch: int | None, label: str) -> None:
-        """Load weights, optimizer state and RNG seed states in place, and tell fit() where to start."""
+    def _restore(self, path: str, epoch: int | None, label: str, mid_epoch: bool = False) -> None:
+        """Load weights, optimizer state and RNG seed states in place, and tell fit() where to start.
+
+        Args:
+            path: the checkpoint file.
+            epoch: the 0-based epoch it was saved in (None: unknown).
+            label: how log messages name it.
+            mid_epoch: whether it was saved before that epoch finished.
+        """
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
@@ -442,10 +524,25 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 len(seeds),
             )
         _set_backend_rng_state(state)
-        if epoch is not None:
+        if epoch is not None and mid_epoch:
+            # Keras cannot skip the batches this epoch saw before the save: the epoch starts over.
+            model._initial_epoch = epoch
+            self._moved_initial_epoch = True
+            seen = state.get("epoch_batches")
+            log.warning(
+                "resumed from %s, saved during epoch %d at step %s; Keras cannot skip batches, so epoch %d "
+                "starts over from its first batch with the restored weights: the %s it trained before the save "
+                "are trained again and the optimizer step count ends that much higher",
+                label,
+                epoch + 1,
+                state.get("step", "?"),
+                epoch + 1,
+                f"{seen} batch(es)" if isinstance(seen, int) else "batches",
+            )
+        elif epoch is not None:
             model._initial_epoch = epoch + 1
             self._moved_initial_epoch = True
-            log.info("resumed from %s; training continues at epoch %d", label, epoch + 2)
+            log.info("resumed from %s (epoch %d); training continues at epoch %d", label, epoch + 1, epoch + 2)
         else:
             log.info("loaded %s; its epoch is unknown, so training starts at fit()'s initial_epoch", label)
 
@@ -473,15 +570,88 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 return int(distribution_lib.process_id()) == 0
         return True
 
+    # -- batch end: step and time triggers, preemption ---------------------------------
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch
+        self._epoch_batches = 0
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._policy_mode:
+            super().on_train_batch_end(batch, logs)
+            return
+        engine = self._engine
+        if engine is None or self._preempted:
+            return
+        self._batches += 1
+        self._epoch_batches = batch + 1  # `batch` is the last batch index of this call (steps_per_execution)
+        self._last_logs = logs or {}
+        if self._sigterm:
+            self._stop_for_preemption(mid_epoch=True)
+            return
+        policy = engine.policy
+        if policy.every_n_steps is None and policy.every_n_minutes is None:
+            return
+        step = self._step()
+        previous, self._last_step = self._last_step, step
+        steps = self.params.get("steps") if self.params else None
+        if policy.last and steps is not None and batch + 1 >= steps:
+            return  # the epoch end that follows saves a rolling last anyway
+        every = policy.every_n_steps
+        # With steps_per_execution > 1 the step moves by more than one between calls: a multiple crossed counts.
+        by_steps = every is not None and step // every > previous // every and engine.step_due(step - step % every)
+        if by_steps or engine.time_due():
+            self._save_training_state(mid_epoch=True, preempted=False)
+
+    def _step(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        return _to_int(optimizer.iterations) if optimizer is not None else 0
+
+    def _save_training_state(self, *, mid_epoch: bool, preempted: bool) -> list[Record]:
+        """A training state outside the epoch-end rules; it becomes the rolling last (the resume point)."""
+        engine = self._engine
+        assert engine is not None
+        step = self._step()
+        plan = engine.plan_training_state(self._epoch, step, self._last_logs, mid_epoch=mid_epoch, preempted=preempted)
+        self._saving = (self._epoch, step)
+        return engine.execute(plan, self._write)
+
+    def _stop_for_preemption(self, *, mid_epoch: bool) -> None:
+        """Save a preempted training state, stop training, then let SIGTERM end the process as it would have."""
+        self._sigterm = False
+        self._preempted = True
+        self.model.stop_training = True
+        log.warning("SIGTERM received; saving a training state to resume from before the process ends")
+        error: Exception | None = None
+        try:
+            self._save_training_state(mid_epoch=mid_epoch, preempted=True)
+        except Exception as exc:
+            error = exc
+            log.error("could not save a training state on SIGTERM: %s", exc)
+        finally:
+            self._end_session()
+        signal.raise_signal(signal.SIGTERM)
+        # Still here: a handler of the user's took the signal and returned; fit() stops after this epoch.
+        if error is not None:
+            raise error
+
     # -- epoch end --------------------------------------------------------------------
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._policy_mode:
             super().on_epoch_end(epoch, logs)
             return
+        if self._preempted:
+            return  # stopped mid-epoch by SIGTERM: this epoch did not finish, its state is saved already
         engine = self._engine
         if engine is None:
             raise CheckpointError("BestCheckpoint.on_epoch_end ran before on_train_begin; pass the callback to fit()")
+        steps = self.params.get("steps") if self.params else None
+        if self._sigterm and self.model.stop_training and steps is not None and self._epoch_batches < steps:
+            # Another callback stopped this epoch early for the same SIGTERM (a second BestCheckpoint, say).
+            self._stop_for_preemption(mid_epoch=True)
+            return
         if not self._mode_settled:
             # Compiled metrics are built by the first train step, so their direction is known only now.
             engine.policy = self._resolved_policy()
@@ -506,6 +676,10 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         best = engine.best_record
         if self._export and engine.is_writer and best is not None and any(r.name == best.name for r in records):
             self._export_best(engine, best)
+        if self._sigterm:
+            # The signal came during this epoch's validation or save: the epoch is complete.
+            self._last_logs = metrics
+            self._stop_for_preemption(mid_epoch=False)
 
     def _apply_threshold(self, plan: Plan) -> Plan:
         """Drop the best role when the value does not beat `initial_value_threshold` (as ModelCheckpoint does)."""
@@ -546,6 +720,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 "format": _STATE_FORMAT,
                 "epoch": epoch,
                 "step": step,
+                "mid_epoch": item.mid_epoch,
+                **({"epoch_batches": self._epoch_batches} if item.mid_epoch else {}),
                 "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_variables(model)],
                 **_backend_rng_state(),
                 "keras_version": keras.__version__,
@@ -634,8 +810,173 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if not self._policy_mode:
             return
+        sigterm = self._sigterm
+        self._end_session()
+        if sigterm:
+            # The signal came after the last epoch's save: nothing is left to save, but it still ends the process.
+            self._sigterm = False
+            self._preempted = True
+            signal.raise_signal(signal.SIGTERM)
+
+    # -- one fit(): SIGTERM handler and train_function wrapper --------------------------
+
+    def _begin_session(self, engine: Engine) -> None:
+        """Start watching this fit() for SIGTERM and for exceptions escaping a training step."""
+        self._in_fit = True
+        self._batches = 0
+        self._epoch_batches = 0
+        self._last_step = self._step()
+        self._last_logs = {}
+        self._sigterm = False
+        self._preempted = False
+        if not engine.policy.save_on_preemption:
+            return
+        self._fit_frame = self._find_fit_frame()
+        self._install_signal_handler()
+        self._wrap_train_function()
+
+    def _end_session(self) -> None:
+        """Put back what this fit() replaced and release the directory; safe to call more than once."""
+        self._restore_signal_handler()
+        self._unwrap_train_function()
+        self._fit_frame = None
+        self._in_fit = False
         self._reset_initial_epoch()
         self._close()
+
+    def _end_stale_sessions(self) -> None:
+        """End what an earlier fit() left behind when an exception skipped its on_train_end."""
+        if self._in_fit:
+            self._end_session()
+        model = self.model
+        function = getattr(model, "train_function", None) if model is not None else None
+        # Another BestCheckpoint of this fit() may have wrapped it already: that one is alive and stays.
+        while callable(getattr(function, _END_IF_STALE, None)) and getattr(function, _END_IF_STALE)():
+            # Its owner put its SIGTERM handler back, released its lock and unwrapped it.
+            following = getattr(model, "train_function", None)
+            if following is function:
+                break
+            function = following
+
+    def _find_fit_frame(self) -> FrameType | None:
+        """The frame of the model's fit() that called on_train_begin; None outside Model.fit."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is self.model:
+                return frame
+            frame = frame.f_back
+        return None
+
+    def _fit_running(self, frame: FrameType | None) -> bool:
+        """Whether this session's fit() is on the stack below `frame` (an exception may have ended it unseen)."""
+        if not self._in_fit:
+            return False
+        if self._fit_frame is None:
+            return True  # callbacks driven by hand: on_train_end is the only end there is
+        while frame is not None:
+            if frame is self._fit_frame:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _install_signal_handler(self) -> None:
+        """Catch SIGTERM for this fit() (only the main thread can), keeping the handler it replaces."""
+        if threading.current_thread() is not threading.main_thread():
+            log.info("fit() runs outside the main thread, where SIGTERM cannot be caught; no save on preemption")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is None or previous == signal.SIG_IGN:
+            return  # a handler set outside Python could not be put back; an ignored SIGTERM stays ignored
+        self._signal_previous = previous
+        self._signal_pid = os.getpid()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _restore_signal_handler(self) -> None:
+        previous, self._signal_previous = self._signal_previous, None
+        if previous is None or signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+        else:
+            log.warning("could not put back the SIGTERM handler: fit() ended outside the main thread")
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() == self._signal_pid and self._fit_running(frame or sys._getframe()):
+            self._sigterm = True  # acted on at the next batch end, where the state is consistent
+            return
+        # A forked child, or a fit() that an exception ended without on_train_end: SIGTERM does what it did before.
+        if os.getpid() == self._signal_pid:
+            self._end_session()
+        else:
+            signal.signal(signum, self._signal_previous if self._signal_previous is not None else signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    def _wrap_train_function(self) -> None:
+        """Wrap model.train_function for this fit(): an exception escaping a step saves a training state first."""
+        model = self.model
+        original = getattr(model, "train_function", None)
+        if original is None or self._fit_frame is None:
+            return
+
+        def train_function(*args: Any, **kwargs: Any) -> Any:
+            if not alive(sys._getframe(1)):
+                # Left on the model by a fit() that ended unseen: train_on_batch, a later fit() without us.
+                end()
+                return original(*args, **kwargs)
+            try:
+                return original(*args, **kwargs)
+            except BaseException as exc:
+                if type(exc).__name__ not in _END_OF_DATA:
+                    self._on_step_exception(exc)
+                raise
+
+        def alive(frame: FrameType | None) -> bool:
+            return self._wrapper is train_function and self._fit_running(frame)
+
+        def end() -> None:
+            if self._wrapper is train_function:
+                self._end_session()
+            if getattr(model, "train_function", None) is train_function:
+                model.train_function = original
+
+        def end_if_stale() -> bool:
+            if alive(sys._getframe()):
+                return False
+            end()
+            return True
+
+        setattr(train_function, _ORIGINAL, original)
+        setattr(train_function, _END_IF_STALE, end_if_stale)
+        model.train_function = train_function
+        self._wrapper = train_function
+        self._wrapped_model = model
+
+    def _unwrap_train_function(self) -> None:
+        wrapper, self._wrapper = self._wrapper, None
+        model, self._wrapped_model = self._wrapped_model, None
+        if wrapper is not None and getattr(model, "train_function", None) is wrapper:
+            model.train_function = getattr(wrapper, _ORIGINAL)
+
+    def _on_step_exception(self, exc: BaseException) -> None:
+        """An exception escapes a training step, and so fit(): save a preempted training state, then clean up."""
+        try:
+            engine = self._engine
+            if (
+                engine is None
+                or self._batches == 0  # nothing trained in this fit() that is not saved already
+                or self._preempted
+                or isinstance(exc, (CheckpointError, PolicyError))
+                or _multi_process(self.model)  # the others would wait for this process; SIGTERM reaches them all
+            ):
+                return
+            log.warning("%s stopped training; saving a training state to resume from", type(exc).__name__)
+            self._preempted = True
+            try:
+                self._save_training_state(mid_epoch=True, preempted=True)
+            except Exception as error:  # the training step's exception is the one to see
+                log.error("could not save a training state after %s: %s", type(exc).__name__, error)
+        finally:
+            self._end_session()
 
     def _reset_initial_epoch(self) -> None:
         # fit() keeps reading model._initial_epoch on every later call; leave it as we found it.
@@ -646,6 +987,22 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
     def _close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+
+
+def _multi_process(model: Any) -> bool:
+    """Whether training spans several processes (multi-worker tf.distribute, multi-process JAX)."""
+    extended = getattr(getattr(model, "distribute_strategy", None), "extended", None)
+    in_multi_worker: Callable[[], bool] | None = getattr(extended, "_in_multi_worker_mode", None)
+    if in_multi_worker is not None:
+        with contextlib.suppress(Exception):
+            if in_multi_worker():
+                return True
+    if keras.backend.backend() == "jax":
+        with contextlib.suppress(Exception):
+            from keras.src.backend.jax import distribution_lib
+
+            return int(distribution_lib.num_processes()) > 1
+    return False
 
 
 def _read_state(path: str) -> dict[str, Any]:

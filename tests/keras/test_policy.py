@@ -248,7 +248,9 @@ def test_mode_auto_takes_the_keras_metric_direction(tmp_path: Any) -> None:
 
 
 BAD_ARGUMENTS = [
-    (dict(dirpath="x", save_freq=5), "save_freq counted in batches is not supported yet"),
+    (dict(dirpath="x", save_freq=5, every_n_steps=4), "Received: save_freq=5, every_n_steps=4"),
+    (dict(dirpath="x", save_freq=-1), "save_freq must be 'epoch' or a positive number of batches"),
+    (dict(dirpath="x", every_n_minutes=0), "every_n_minutes"),
     (dict(filepath="x/m-{batch}.keras", top_k=2), "the {batch} placeholder"),
     (dict(save_weights_only=True, format="model"), "Received: save_weights_only=True, format='model'"),
     (dict(filepath="x/m.keras", dirpath="y"), "give either filepath or dirpath"),
