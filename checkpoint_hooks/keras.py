@@ -315,6 +315,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 "export_best writes a SavedModel directory and needs a local dirpath; export from a local "
                 f"directory and copy it. Received: dirpath={policy_obj.dirpath!r}"
             )
+        if policy_obj.async_save:
+            log.warning("async_save is not available for Keras yet; checkpoints are saved synchronously")
         self._policy = policy_obj
         if filepath is None:
             self.filepath = None

@@ -289,3 +289,11 @@ def test_export_best_writes_a_loadable_saved_model(tmp_path: Any) -> None:
     model.set_weights(states.weights[1])
     loaded = tf.saved_model.load(str(export))
     np.testing.assert_allclose(np.asarray(loaded.serve(x)), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_async_save_is_refused_politely(tmp_path, caplog):
+    from checkpoint_hooks.keras import BestCheckpoint
+
+    cb = BestCheckpoint(policy={"dirpath": str(tmp_path), "async_save": True})
+    assert cb.policy.async_save
+    assert "async_save is not available for Keras yet; checkpoints are saved synchronously" in caplog.text
