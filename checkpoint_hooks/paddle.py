@@ -22,6 +22,29 @@ Resume: `fit()` has no initial epoch, so with `resume="auto"` the callback lets
 `fit(epochs=N)` walk through the finished epochs without running them and
 restores the newest verified training_state where the next epoch begins;
 training ends after epoch N-1 in total.
+
+Step and time saves: `every_n_steps` and `every_n_minutes` write a training_state
+(the rolling last) between two training batches, once every callback's hooks of
+the earlier batch ran. A trigger that falls on an epoch's last batch is served by
+that epoch's own save, after evaluation. With `accumulate_grad_batches` steps count
+batches and these saves wait for a batch that ends an accumulation.
+
+Preemption (`save_on_preemption`, on by default): a SIGTERM during fit() only
+marks the request; between the current batch and the next (or at the next epoch
+start, after evaluation) the callback saves a training_state tagged `preempted`,
+puts back the SIGTERM handler that was there before fit() and raises the signal
+again, so the process ends as SIGTERM would have ended it (data loader workers
+are stopped first), or the user's own handler runs. Under several ranks they
+agree on the stop at every such point and the others wait for rank 0's save.
+An exception escaping a training or evaluation pass (Ctrl-C included, not the
+checkpointing's own errors) saves one too, in a single process.
+
+Resume from a mid-epoch checkpoint: hapi's fit() cannot skip the batches of an
+epoch already trained on, so that epoch starts over from its first batch with
+the restored weights, optimizer and random states. Its early batches are trained
+on twice and the global step counts them again; the epoch count stays right (the
+run still ends after epoch N-1), but the result is not that of an uninterrupted
+run. A warning says so when it happens.
 """
 
 from __future__ import annotations
@@ -33,7 +56,9 @@ import math
 import os
 import pickle
 import random
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +67,7 @@ import numpy as np
 import paddle
 
 from checkpoint_hooks.core import Engine, MonitorError, Record, SaveItem
+from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.errors import CheckpointError
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
@@ -105,8 +131,43 @@ class _Resume:
     """Where this fit continues from: a training_state prefix and what its state file says."""
 
     prefix: str
-    epoch: int  # last finished epoch, 0-based; -1 when the checkpoint does not say
+    epoch: int  # the epoch it was saved in, 0-based; -1 when the checkpoint does not say
     state: dict[str, Any]
+    mid_epoch: bool = False  # saved before `epoch` finished: that epoch runs again from its start
+
+    @property
+    def start_epoch(self) -> int:
+        return self.epoch if self.mid_epoch else self.epoch + 1
+
+
+class _BetweenBatches:
+    """A training data loader that calls `hook` after every batch, before the next one is drawn.
+
+    hapi asks for the next batch once every callback's hooks of the current one ran (the
+    LRScheduler callback steps after ours), so the state seen there is complete, as at an epoch end.
+    """
+
+    def __init__(self, loader: Any, hook: Callable[[], None]) -> None:
+        self.loader = loader
+        self.hook = hook
+        self.iterator: Any = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.iterator = iter(self.loader)
+        for batch in self.iterator:
+            yield batch
+            self.hook()
+
+    def close(self) -> None:
+        """Stop the loader's worker processes, which a process ended by a signal would leave running."""
+        if getattr(self.iterator, "_workers", None):  # Paddle's multi-process iterator
+            try:
+                self.iterator._try_shutdown_all(5)
+            except Exception as exc:
+                log.debug("could not stop the data loader's workers: %s", exc)
 
 
 class _EpochMean:
@@ -170,6 +231,8 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if snapshots is not None:
             options["snapshots"] = {"every_n_epochs": snapshots} if isinstance(snapshots, int) else snapshots
         self.policy: CheckpointPolicy = load_policy(policy, **options)
+        if self.policy.async_save:
+            log.warning("async_save is not available for Paddle yet; checkpoints are saved synchronously")
         self.engine: Engine | None = None
         self.resumed_from: Record | None = None
         self.start_epoch = 0
@@ -183,6 +246,18 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._train_loss = _EpochMean()
         self._eval_loss = _EpochMean()
         self._eval_names: list[str] | None = None
+        self._epoch_steps = 0  # batches trained in the current epoch
+        self._epoch_done = False  # the current epoch's last batch was trained
+        self._trained = 0  # batches trained in this fit
+        self._epoch_length: int | None = None
+        self._state_step: int | None = None  # global step of the newest training_state (saved or resumed)
+        self._due_at_epoch_end = False
+        self._preemption_saved = False
+        self._sigterm = False
+        self._sigterm_shared = False
+        self._signal_previous: Any = None
+        self._signal_pid = -1
+        self._loader: _BetweenBatches | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **options: Any) -> BestCheckpoint:
@@ -222,6 +297,13 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._restored = False
         self._resume = None
         self.start_epoch = 0
+        self._epoch_steps = 0
+        self._epoch_done = False
+        self._trained = 0
+        self._state_step = None
+        self._due_at_epoch_end = False
+        self._preemption_saved = False
+        self._sigterm = False
         self.engine = Engine(
             self.policy,
             extensions={"weights": ".pdparams", "model": _inference_extension(), TRAINING_STATE: ".pdparams"},
@@ -232,16 +314,14 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         )
         self._resume = self._find_resume()
         if self._resume is not None:
-            self.start_epoch = self._resume.epoch + 1
+            self.start_epoch = self._resume.start_epoch
             self._global_step = int(self._resume.state.get("global_step", 0))
-            if self.start_epoch > 0:
-                log.log(
-                    self.engine.level,
-                    "resuming at epoch %d: epochs 0-%d are done and fit() passes over them",
-                    self.start_epoch,
-                    self.start_epoch - 1,
-                )
+            self._state_step = self._global_step
+            self._log_resume(self._resume)
         self._install_shim()
+        # Agreeing on a SIGTERM is a collective on every safe point; its result decides on all ranks alike.
+        self._sigterm_shared = self.policy.save_on_preemption and _world_size() > 1
+        self._install_signal_handler()
 
     @_releasing
     def on_epoch_begin(self, epoch: int | None = None, logs: Mapping[str, Any] | None = None) -> None:
@@ -249,7 +329,11 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         # callback steps after ours), and a resume restores at the same point of the same hook,
         # so callbacks before and after this one see the same state in both runs.
         self._flush()
+        if self._stop_requested():
+            self._stop()
         self._epoch = int(epoch or 0)
+        self._epoch_steps = 0
+        self._epoch_done = False
         self._train_loss = _EpochMean()
         if self._epoch == self.start_epoch:
             self._restore()
@@ -257,6 +341,8 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     def on_train_batch_end(self, step: int, logs: Mapping[str, Any] | None = None) -> None:
         if self._in_fit:
             self._global_step += 1
+            self._epoch_steps += 1
+            self._trained += 1
             if _has_loss((self.params or {}).get("metrics")):
                 self._train_loss.add(logs)
 
@@ -264,6 +350,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._in_fit or epoch < self.start_epoch:
             return
+        self._epoch_done = True
         metrics = _metrics(logs, (self.params or {}).get("metrics"))
         mean = self._train_loss.value()
         if mean is not None:
@@ -301,6 +388,9 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 self._remove_shim()
                 self._restore()  # when every epoch was done already
                 self._flush()
+                # Training is complete and saved: a SIGTERM that came during the last epoch's
+                # evaluation only ends the process now (in _end_fit, after the lock is released).
+                self._sigterm = self._stop_requested()
         finally:
             self._end_fit()
 
@@ -343,10 +433,157 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     def _flush(self) -> None:
         """Save the finished epoch waiting for its evaluation and the other callbacks' hooks."""
         pending, self._pending = self._pending, None
-        if pending is None or self.engine is None or not self.engine.is_writer:
+        deferred, self._due_at_epoch_end = self._due_at_epoch_end, False
+        engine = self.engine
+        if pending is None or engine is None or not engine.is_writer:
             return
         epoch, metrics = pending
-        self.engine.save(epoch, self._global_step, metrics, functools.partial(self._write, epoch))
+        records = self._execute(engine.plan(epoch, self._global_step, metrics))
+        if deferred and not any(r.format == TRAINING_STATE for r in records):
+            # A step or time save that fell on the epoch's last batch, with last=False.
+            self._execute(engine.plan_training_state(epoch, self._global_step, metrics, mid_epoch=False))
+
+    def _execute(self, plan: Plan) -> list[Record]:
+        assert self.engine is not None
+        records = self.engine.execute(plan, functools.partial(self._write, plan.epoch))
+        if any(r.format == TRAINING_STATE for r in records):
+            self._state_step = plan.step
+        return records
+
+    def _running_metrics(self) -> dict[str, Any]:
+        mean = self._train_loss.value()
+        return {} if mean is None else {"loss": mean}
+
+    def _between_batches(self) -> None:
+        """A safe point of a training epoch: after every hook of a batch, before the next is drawn."""
+        engine = self.engine
+        if not self._in_fit or engine is None:
+            return
+        if self._epoch_length is not None and self._epoch_steps >= self._epoch_length:
+            self._epoch_done = True
+        if self._stop_requested():
+            self._stop()
+            return
+        policy = self.policy
+        if not engine.is_writer or (policy.every_n_steps is None and policy.every_n_minutes is None):
+            return
+        accumulate = int(getattr(self._model, "_accumulate", 1) or 1)
+        if not self._epoch_done and self._epoch_steps % accumulate:
+            return  # gradients of an unfinished accumulation are in no checkpoint
+        if engine.step_due(self._global_step) or engine.time_due():
+            if self._epoch_done:
+                self._due_at_epoch_end = True  # the epoch's own save follows its evaluation
+            else:
+                self._execute(
+                    engine.plan_training_state(self._epoch, self._global_step, self._running_metrics(), mid_epoch=True)
+                )
+
+    # -- preemption -------------------------------------------------------------------
+
+    def _install_signal_handler(self) -> None:
+        """Catch SIGTERM for this fit (only the main thread can), keeping the handler it replaces."""
+        if not self.policy.save_on_preemption:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.info("fit() runs outside the main thread, where SIGTERM cannot be caught; no save on preemption")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is None or previous == signal.SIG_IGN:
+            return  # a handler set outside Python could not be put back; an ignored SIGTERM stays ignored
+        # Paddle's C++ crash reporter also catches SIGTERM, but Python sees SIG_DFL there: after
+        # fit() SIGTERM gets the default action, ending the process the same way, without the report.
+        self._signal_previous = previous
+        self._signal_pid = os.getpid()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _restore_signal_handler(self) -> None:
+        previous, self._signal_previous = self._signal_previous, None
+        if previous is None or signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+            return  # not installed, or replaced since by someone else: theirs stays
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:  # not in the main thread
+            log.warning("could not put back the SIGTERM handler: fit() ended outside the main thread")
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Saving here could interrupt a training step half-way: only mark the request.
+        if os.getpid() != self._signal_pid:
+            # A forked data loader worker inherited this handler: it acts as the one before.
+            signal.signal(signum, self._signal_previous if self._signal_previous is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self._sigterm = True
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGTERM came (on any rank, under several processes)."""
+        if not self._sigterm_shared:
+            return self._sigterm
+        flag = paddle.to_tensor([1 if self._sigterm else 0], dtype="int32")
+        paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
+        return bool(flag.numpy()[0])
+
+    def _stop(self) -> None:
+        """Save a preempted training_state, then let SIGTERM end the process as it would have."""
+        self._sigterm = False
+        if self.engine is not None and self.engine.is_writer:
+            log.warning("SIGTERM received; saving a training state to resume from before the process ends")
+        else:
+            log.warning("SIGTERM received (by this rank or another); stopping once rank 0 saved a training state")
+        self._save_preempted()
+        if _world_size() > 1:
+            paddle.distributed.barrier()  # rank 0 writes; the others must not end it before it is done
+        if self._signal_previous == signal.SIG_DFL and self._loader is not None:
+            self._loader.close()  # the process ends with the signal; its cleanup would not run
+        self._restore_signal_handler()
+        signal.raise_signal(signal.SIGTERM)
+
+    def _on_exception(self, exc: BaseException) -> None:
+        """An exception escapes a pass of this fit: save a preempted training_state first.
+
+        Not for errors of the checkpointing itself, and only in a single process: a save
+        after an error on one rank would wait for the others forever.
+        """
+        if (
+            not self.policy.save_on_preemption
+            or not self._in_fit
+            or self._preemption_saved
+            or isinstance(exc, (CheckpointError, PolicyError))
+            or _world_size() > 1
+        ):
+            return
+        log.warning("%s stopped training; saving a training state to resume from", type(exc).__name__)
+        self._save_preempted()
+
+    def _save_preempted(self) -> None:
+        """The training_state tagged preempted; never raises (the process is stopping anyway)."""
+        engine = self.engine
+        if self._preemption_saved or engine is None or not self._in_fit:
+            return
+        self._preemption_saved = True
+        if self._trained == 0:
+            log.log(engine.level, "no training step in this fit: nothing to save on preemption")
+            return
+        try:
+            self._flush()  # a finished epoch waiting for its save comes first
+            if not engine.is_writer:
+                return
+            if self._state_step == self._global_step:
+                last = engine.last_record
+                log.warning(
+                    "nothing trained since the training state %s was saved; it is the resume point",
+                    last.name if last else f"of step {self._global_step}",
+                )
+                return
+            if self._epoch_done or self._epoch_steps == 0:
+                epoch, mid_epoch = (self._epoch if self._epoch_done else self._epoch - 1), False
+            else:
+                epoch, mid_epoch = self._epoch, True
+            plan = engine.plan_training_state(
+                epoch, self._global_step, self._running_metrics(), mid_epoch=mid_epoch, preempted=True
+            )
+            self._execute(plan)
+        except Exception as exc:
+            log.error("could not save a training state on preemption: %s", exc)
 
     def _write(self, epoch: int, item: SaveItem, path: str) -> None:
         model = self._model
@@ -365,9 +602,9 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             if not os.path.exists(path):
                 raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
         else:
-            self._write_training_state(epoch, _prefix(path, ".pdparams"))
+            self._write_training_state(epoch, item, _prefix(path, ".pdparams"))
 
-    def _write_training_state(self, epoch: int, prefix: str) -> None:
+    def _write_training_state(self, epoch: int, item: SaveItem, prefix: str) -> None:
         model = self._model
         model.save(prefix, training=True)  # .pdparams, .pdopt (with LR_Scheduler), .pdscaler
         optimizer = model._optimizer
@@ -379,6 +616,9 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             "version": STATE_VERSION,
             "epoch": epoch,
             "global_step": self._global_step,
+            # Saved before `epoch` finished, after this many of its batches: a resume runs it again.
+            "mid_epoch": item.mid_epoch,
+            "epoch_step": self._epoch_steps if item.mid_epoch else None,
             # Optimizer keys embed process-wide unique parameter names; this maps them back on load.
             "param_names": {name: p.name for name, p in model.network.named_parameters()},
             "learning_rate": learning_rate,
@@ -418,14 +658,14 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         else:
             self.resumed_from = None
             return None
-        return _read_resume(prefix, choice.get("epoch"))
+        return _read_resume(prefix, choice.get("epoch"), choice.get("mid_epoch"))
 
     def _choose_resume(self) -> dict[str, Any]:
         engine = self.engine
         assert engine is not None
         record = engine.start()
         if record is not None:
-            return {"record": record.to_json(), "epoch": record.epoch}
+            return {"record": record.to_json(), "epoch": record.epoch, "mid_epoch": record.mid_epoch}
         resume = self.policy.resume
         if resume in ("auto", "never"):
             return {}
@@ -439,13 +679,31 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                     "from a training_state checkpoint (the rolling last-epoch=... or a training_state save)"
                 )
             engine.adopt(record, discard_newer=False)
-            return {"record": record.to_json(), "epoch": record.epoch}
+            return {"record": record.to_json(), "epoch": record.epoch, "mid_epoch": record.mid_epoch}
         if not os.path.exists(prefix + ".pdparams"):
             raise PolicyError(
                 f"resume={resume!r} is not a checkpoint: {prefix + '.pdparams'!r} does not exist; "
                 "pass a training_state path, 'auto' or 'never'"
             )
         return {"path": prefix}
+
+    def _log_resume(self, resume: _Resume) -> None:
+        assert self.engine is not None
+        start = resume.start_epoch
+        passed = f"epochs 0-{start - 1} are done and fit() passes over them" if start > 0 else ""
+        if resume.mid_epoch:
+            batches = resume.state.get("epoch_step")
+            log.warning(
+                "resuming from %s, saved during epoch %d%s: fit() cannot skip batches, so epoch %d starts over "
+                "from its first batch with the restored weights and trains on those batches again%s",
+                os.path.basename(resume.prefix),
+                resume.epoch,
+                f" after {batches} of its batches" if batches is not None else "",
+                start,
+                f"; {passed}" if passed else "",
+            )
+        elif start > 0:
+            log.log(self.engine.level, "resuming at epoch %d: %s", start, passed)
 
     def _restore(self) -> None:
         """Load the resume checkpoint into the network, optimizer, LR scheduler, scaler and random states."""
@@ -522,9 +780,16 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                         for _ in sampler:
                             pass
                 return {}
+            if mode == "train":
+                try:
+                    self._epoch_length = len(data_loader)
+                except TypeError:  # an iterable without a length: its last batch is known only after it
+                    self._epoch_length = None
+                data_loader = self._loader = _BetweenBatches(data_loader, self._between_batches)
             try:
                 return original(data_loader, callbacks, mode, *args, **kwargs)
-            except BaseException:
+            except BaseException as exc:
+                self._on_exception(exc)
                 self._end_fit()
                 raise
 
@@ -550,9 +815,15 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     def _end_fit(self) -> None:
         self._in_fit = False
         self._fit_callbacks = None
+        self._loader = None
         self._remove_shim()
+        self._restore_signal_handler()
         if self.engine is not None:
             self.engine.close()
+        if self._sigterm:
+            # A SIGTERM that found no safe point to stop at is never dropped.
+            self._sigterm = False
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _metrics(logs: Mapping[str, Any] | None, names: Any) -> dict[str, Any]:
@@ -583,11 +854,13 @@ def _broadcast(value: dict[str, Any]) -> dict[str, Any]:
     return box[0]
 
 
-def _read_resume(prefix: str, epoch: int | None) -> _Resume:
+def _read_resume(prefix: str, epoch: int | None, mid_epoch: bool | None = None) -> _Resume:
     state: dict[str, Any] = {}
     if os.path.exists(prefix + STATE_SUFFIX):
         with open(prefix + STATE_SUFFIX, encoding="utf-8") as f:
             state = json.load(f)
+    if mid_epoch is None:
+        mid_epoch = bool(state.get("mid_epoch", False))
     if epoch is None:
         epoch = state.get("epoch")
     if epoch is None:
@@ -596,8 +869,8 @@ def _read_resume(prefix: str, epoch: int | None) -> _Resume:
             prefix,
             STATE_SUFFIX,
         )
-        epoch = -1
-    return _Resume(prefix=prefix, epoch=int(epoch), state=state)
+        epoch, mid_epoch = -1, False
+    return _Resume(prefix=prefix, epoch=int(epoch), state=state, mid_epoch=mid_epoch)
 
 
 def _name_table(path: str) -> dict[str, str]:

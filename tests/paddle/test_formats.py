@@ -114,3 +114,10 @@ def test_monitor_mistakes_are_reported_with_the_available_names(tmp_path):
                   callbacks=[BestCheckpoint(monitor="val_acc", dirpath=str(tmp_path))])
     assert "_run_one_epoch" not in model.__dict__
     assert [n for n in listing(str(tmp_path)) if n.endswith(".pdparams")] == []
+
+
+def test_async_save_is_refused_politely_and_saves_synchronously(tmp_path, caplog):
+    callback = BestCheckpoint(dirpath=str(tmp_path), async_save=True, format="weights", last=False)
+    assert "async_save is not available for Paddle yet; checkpoints are saved synchronously" in caplog.text
+    regression_model().fit(Regression(), batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert "epoch=000-step=4.pdparams" in listing(str(tmp_path))
