@@ -14,8 +14,11 @@ from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream
 from checkpoint_hooks.core.lock import LOCK_NAME
 from checkpoint_hooks.core.manifest import (
+    COMPACT_EVERY,
+    JOURNAL_NAME,
     MANIFEST_NAME,
     Manifest,
+    journal_line,
     record_from_sidecar,
     sidecar_name,
     sidecar_paths,
@@ -53,7 +56,8 @@ class CheckpointDirectory:
         raw = self.store.read_bytes(MANIFEST_NAME)
         if raw is None:
             return None
-        return Manifest.from_bytes(raw, self.store.join(MANIFEST_NAME))
+        journal = self.store.read_bytes(JOURNAL_NAME) if self.store.is_local else None
+        return Manifest.from_bytes(raw, self.store.join(MANIFEST_NAME), journal)
 
     def load(self) -> Manifest:
         """The manifest, refusing to start a new one over checkpoints whose index is missing."""
@@ -70,10 +74,32 @@ class CheckpointDirectory:
         return Manifest()
 
     def commit(self, manifest: Manifest) -> None:
-        """Write the manifest atomically: the moment new records become visible."""
+        """Write the whole manifest atomically (and empty the journal): new records become visible."""
         if isinstance(self.store, LocalStore):
             self.store.ensure()
-        self.store.write_bytes(MANIFEST_NAME, manifest.to_bytes())
+        manifest.commit += 1
+        try:
+            self.store.write_bytes(MANIFEST_NAME, manifest.to_bytes())
+        except BaseException:
+            manifest.commit -= 1
+            raise
+        manifest.journal_lines = 0
+        manifest.history_written = len(manifest.history)
+        # the base holds every change the journal had (lines numbered up to its commit are skipped)
+        if self.store.is_local:
+            self.store.remove(JOURNAL_NAME)
+
+    def commit_change(self, current: Manifest, updated: Manifest) -> None:
+        """Commit `updated`, which grew out of `current`: one journal line on local disks, else a rewrite."""
+        if not isinstance(self.store, LocalStore) or current.journal_lines >= COMPACT_EVERY:
+            updated.commit = current.commit
+            self.commit(updated)
+            return
+        change = current.change_to(updated)
+        self.store.append_bytes(JOURNAL_NAME, journal_line(change))
+        updated.commit = change["commit"]
+        updated.journal_lines = current.journal_lines + 1
+        updated.history_written = len(updated.history)
 
     # -- files ------------------------------------------------------------------------
 
@@ -163,5 +189,5 @@ class CheckpointDirectory:
         return Manifest(records=[r.with_tags(r.roles) for r in records], next_seq=next_seq), skipped
 
     def is_ours(self, relpath: str) -> bool:
-        return relpath in (MANIFEST_NAME, LOCK_NAME) or relpath.endswith(".meta.json")
+        return relpath in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME) or relpath.endswith(".meta.json")
 

@@ -561,16 +561,17 @@ class Engine:
         The in-memory manifest changes only once that write succeeded."""
         run_records = self.run_records() + list(new)
         tags = retention.retain(self.policy, run_records)
-        kept = [r.with_tags(tags[r.name]) for r in run_records if r.name in tags]
+        kept = [r if r.tags == tags[r.name] else r.with_tags(tags[r.name]) for r in run_records if r.name in tags]
         removed = [r for r in run_records if r.name not in tags]
         others = [r for r in self.manifest.records if r.run != self.run]
         updated = Manifest(
             records=others + kept,
             policy=self.policy.to_dict(),
             next_seq=max(self.manifest.next_seq, max(r.seq for r in new) + 1),
-            history=self.manifest.history,
+            history=list(self.manifest.history),
+            history_written=self.manifest.history_written,
         )
-        self.directory.commit(updated)
+        self.directory.commit_change(self.manifest, updated)
         self.manifest = updated
         return removed
 
@@ -639,7 +640,17 @@ class Engine:
         try:
             self.wait()
         finally:
+            self._compact()
             self._release()
+
+    def _compact(self) -> None:
+        """Fold the journal into manifest.json, so a finished run leaves one index file."""
+        if self._lock is None or not self.manifest.journal_lines:
+            return
+        try:
+            self.directory.commit(self.manifest)
+        except Exception as exc:  # the journal is as valid as the base: nothing is lost
+            log.debug("could not fold the journal of %s into its manifest: %s", self.directory.url, exc)
 
     def _release(self) -> None:
         if self._worker is not None:

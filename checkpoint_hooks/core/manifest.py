@@ -5,6 +5,14 @@ format, files with sizes and checksums) and the policy that wrote them. It is
 replaced atomically, and a checkpoint exists for readers only once it is
 listed here. Each checkpoint also has a small sidecar (`<name>.meta.json`)
 with its immutable facts, so a lost manifest can be rebuilt from the files.
+
+On local disks an epoch's commit appends one line to `manifest.journal`
+instead of rewriting the whole index (a few hundred bytes instead of megabytes
+for long runs). Each line is a change, numbered and checksummed: readers apply
+the complete lines after the base's number and ignore a torn last line, which is
+what a crash in the middle of an append leaves (that commit did not happen).
+The base is rewritten, and the journal emptied, at fit start and every
+`COMPACT_EVERY` lines.
 """
 
 from __future__ import annotations
@@ -14,12 +22,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.records import Record, decode_float, encode_float
 
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "manifest.journal"
 SIDECAR_SUFFIX = ".meta.json"
 VERSION = 1
+COMPACT_EVERY = 500
 
 
 def sidecar_name(record_name: str) -> str:
@@ -33,6 +45,9 @@ class Manifest:
     next_seq: int = 1
     # The monitored and other logged values of every epoch end, saved or not: {run, epoch, step, metrics}.
     history: list[dict[str, Any]] = field(default_factory=list)
+    commit: int = 0  # number of the last commit this index holds (base or journal line)
+    journal_lines: int = 0  # journal lines applied on top of the base
+    history_written: int = 0  # history entries already in the base or the journal
 
     def by_name(self, name: str) -> Record | None:
         for record in self.records:
@@ -50,7 +65,7 @@ class Manifest:
         return sorted((r for r in self.records if r.run == run), key=lambda r: r.seq)
 
     def referenced_paths(self) -> set[str]:
-        paths = {MANIFEST_NAME}
+        paths = {MANIFEST_NAME, JOURNAL_NAME}
         for record in self.records:
             paths.add(sidecar_name(record.name))
             paths.update(f.path for f in record.files)
@@ -60,17 +75,17 @@ class Manifest:
         data = {
             "format": "checkpoint_hooks.manifest",
             "version": VERSION,
+            "commit": self.commit,
             "next_seq": self.next_seq,
-            "history": [
-                {**h, "metrics": {k: encode_float(v) for k, v in h["metrics"].items()}} for h in self.history
-            ],
             "policy": self.policy,
             "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.seq)],
+            "history": [_encode_history(h) for h in self.history],
         }
-        return json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
+        # compact: the C encoder (an indented dump is several times slower on long runs)
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, raw: bytes, source: str) -> Manifest:
+    def from_bytes(cls, raw: bytes, source: str, journal: bytes | None = None) -> Manifest:
         try:
             data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict) or data.get("format") != "checkpoint_hooks.manifest":
@@ -78,10 +93,8 @@ class Manifest:
             if int(data.get("version", 0)) > VERSION:
                 raise ValueError(f"written by a newer checkpoint_hooks (manifest version {data['version']})")
             records = [Record.from_json(r) for r in data.get("records", [])]
-            history = [
-                {**h, "metrics": {k: decode_float(v) for k, v in dict(h.get("metrics") or {}).items()}}
-                for h in data.get("history") or []
-            ]
+            history = [_decode_history(h) for h in data.get("history") or []]
+            changes = read_journal(journal) if journal else []
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ManifestError(
                 f"the manifest {source!r} is corrupt ({exc}); nothing was changed. Run "
@@ -89,7 +102,83 @@ class Manifest:
                 f"or move it away to start a fresh index"
             ) from None
         next_seq = int(data.get("next_seq") or (max((r.seq for r in records), default=0) + 1))
-        return cls(records=records, policy=dict(data.get("policy") or {}), next_seq=next_seq, history=history)
+        manifest = cls(
+            records=records,
+            policy=dict(data.get("policy") or {}),
+            next_seq=next_seq,
+            history=history,
+            commit=int(data.get("commit") or 0),
+        )
+        for change in changes:
+            if change["commit"] > manifest.commit:
+                manifest.apply(change)
+        manifest.history_written = len(manifest.history)
+        return manifest
+
+    def change_to(self, updated: Manifest) -> dict[str, Any]:
+        """The journal entry that turns this index into `updated` (records compared by name and tags)."""
+        before = {r.name: r for r in self.records}
+        after = {r.name: r for r in updated.records}
+        change: dict[str, Any] = {
+            "commit": self.commit + 1,
+            "add": [r.to_json() for r in updated.records if r.name not in before],
+            "drop": [name for name in before if name not in after],
+            "tags": {n: sorted(r.tags) for n, r in after.items() if n in before and before[n].tags != r.tags},
+            "next_seq": updated.next_seq,
+            "history": [_encode_history(h) for h in updated.history[self.history_written :]],
+        }
+        if updated.policy != self.policy:
+            change["policy"] = updated.policy
+        return change
+
+    def apply(self, change: dict[str, Any]) -> None:
+        drop = set(change.get("drop") or ())
+        retag = {name: frozenset(tags) for name, tags in (change.get("tags") or {}).items()}
+        records = [r.with_tags(retag[r.name]) if r.name in retag else r for r in self.records if r.name not in drop]
+        records.extend(Record.from_json(r) for r in change.get("add") or ())
+        self.records = records
+        self.next_seq = int(change.get("next_seq") or self.next_seq)
+        self.history.extend(_decode_history(h) for h in change.get("history") or ())
+        if "policy" in change:
+            self.policy = dict(change["policy"])
+        self.commit = int(change["commit"])
+        self.journal_lines += 1
+
+
+def journal_line(change: dict[str, Any]) -> bytes:
+    """One journal line: the checksum of the change, then the change (compact JSON)."""
+    body = json.dumps(change, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return xxhash.xxh3_64_hexdigest(body).encode() + b" " + body + b"\n"
+
+
+def read_journal(raw: bytes) -> list[dict[str, Any]]:
+    """The changes of a journal, in order.
+
+    What follows the last newline is a torn append (a crash during that commit, so it did
+    not happen) and is ignored. A complete line that fails its checksum is damage, not a
+    crash: ValueError, so that no later commit is silently dropped.
+    """
+    changes = []
+    for number, line in enumerate(raw.split(b"\n")[:-1], start=1):
+        digest, _, body = line.partition(b" ")
+        try:
+            if xxhash.xxh3_64_hexdigest(body).encode() != digest:
+                raise ValueError("checksum mismatch")
+            change = json.loads(body.decode("utf-8"))
+            if not isinstance(change, dict) or not isinstance(change.get("commit"), int):
+                raise ValueError("not a change")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{JOURNAL_NAME} line {number} is damaged ({exc})") from None
+        changes.append(change)
+    return changes
+
+
+def _encode_history(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "metrics": {k: encode_float(v) for k, v in entry["metrics"].items()}}
+
+
+def _decode_history(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "metrics": {k: decode_float(v) for k, v in dict(entry.get("metrics") or {}).items()}}
 
 
 def sidecar_bytes(record: Record) -> bytes:

@@ -145,6 +145,22 @@ class LocalStore:
             raise
         _fsync_path(os.path.dirname(target), directory=True)
 
+    def append_bytes(self, relpath: str, data: bytes) -> None:
+        """Append and fsync: after a crash the file ends with all of `data`, a part of it, or none."""
+        self.ensure()
+        path = self._abs(relpath)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_path(os.path.dirname(path), directory=True)
+
     def remove(self, relpath: str) -> None:
         path = self._abs(relpath)
         try:

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import pytest
 
+from tests.index import read_index
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mirrored_script.py")
 
@@ -40,8 +42,7 @@ def test_mirrored_strategy_chief_writes_once_and_resumes(tmp_path: Any) -> None:
     assert report["writer"] is True
     assert report["first_epochs"] == [0, 1]
     # One record per epoch end: a second writer would have collided on the lock or left "-v1" copies.
-    with open(os.path.join(dirpath, "manifest.json"), encoding="utf-8") as f:
-        records = json.load(f)["records"]
+    records = read_index(dirpath)["records"]
     assert all("-v" not in r["name"] for r in records)
     assert report["second_epochs"] == [2]
     assert report["iterations_at_resume"] == report["iterations_after_first"] == 8  # 2 epochs x 4 global batches of 8

@@ -15,6 +15,7 @@ import pytest
 
 from checkpoint_hooks import CheckpointPolicy, PolicyError
 from checkpoint_hooks.keras import BestCheckpoint
+from tests.index import read_index
 from tests.keras.helpers import Script, Snapshot, data, listing, make_model, weights_equal
 
 
@@ -44,8 +45,7 @@ def directory(*records: list[str]) -> list[str]:
 
 
 def manifest(dirpath: Any) -> dict[str, Any]:
-    with open(os.path.join(dirpath, "manifest.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return read_index(dirpath)
 
 
 def tags(dirpath: Any) -> dict[str, list[str]]:

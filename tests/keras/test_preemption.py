@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from checkpoint_hooks.core import CheckpointDirectory, Record
+from tests.index import read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trigger_script.py")
@@ -64,7 +65,7 @@ def _sigterm_when_ready(procs: dict[Path, subprocess.Popen[str]]) -> None:
 
 
 def _records(dirpath: Path) -> list[Record]:
-    data = json.loads((dirpath / "manifest.json").read_text(encoding="utf-8"))
+    data = read_index(dirpath)
     return [Record.from_json(r) for r in data["records"]]
 
 

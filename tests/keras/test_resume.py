@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.index import read_index
 from tests.keras.helpers import listing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,8 +45,7 @@ def _result(out: str) -> tuple[dict[str, Any], list[np.ndarray]]:
 
 
 def _records(dirpath: str) -> list[tuple[str, list[str], int, int]]:
-    with open(os.path.join(dirpath, "manifest.json"), encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_index(dirpath)
     return [(r["name"], r["tags"], r["epoch"], r["step"]) for r in data["records"]]
 
 

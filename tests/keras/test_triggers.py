@@ -22,6 +22,7 @@ from checkpoint_hooks import PolicyError
 from checkpoint_hooks.core import CheckpointDirectory, Record
 from checkpoint_hooks.core import engine as engine_module
 from checkpoint_hooks.keras import BestCheckpoint
+from tests.index import read_index
 from tests.keras.helpers import data, listing, make_model
 
 
@@ -33,8 +34,7 @@ def fit(model: keras.Model, callbacks: list[Any], epochs: int, x: Any = None, **
 
 
 def records(dirpath: Any) -> dict[str, Record]:
-    with open(os.path.join(dirpath, "manifest.json"), encoding="utf-8") as f:
-        return {r["name"]: Record.from_json(r) for r in json.load(f)["records"]}
+    return {r["name"]: Record.from_json(r) for r in read_index(dirpath)["records"]}
 
 
 def summary(dirpath: Any) -> dict[str, tuple[list[str], int, int, bool]]:
@@ -98,8 +98,7 @@ def test_every_n_steps_saves_mid_epoch_training_states(tmp_path: Any) -> None:
         f"{ninth}.keras": {"epoch": 2, "step": 9, "mid_epoch": True, "epoch_batches": 1},
     }
     assert summary(tmp_path) == {"e3": (["best", "last"], 2, 12, False)}
-    with open(tmp_path / "manifest.json", encoding="utf-8") as f:
-        history = json.load(f)["history"]
+    history = read_index(tmp_path)["history"]
     assert [(h["epoch"], h["step"]) for h in history] == [(0, 4), (1, 8), (2, 12)]  # epoch ends only
     assert checkpoint._wrapper is None and not hasattr(model.train_function, "_checkpoint_hooks_original")
 

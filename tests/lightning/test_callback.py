@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -15,6 +14,7 @@ import torch
 from checkpoint_hooks import CheckpointPolicy, PolicyError
 from checkpoint_hooks.core.errors import MonitorError
 from checkpoint_hooks.lightning import BestCheckpoint, lightning_filename
+from tests.index import read_index
 from tests.lightning.models import loader, make_module, trainer
 
 NAN = float("nan")
@@ -27,8 +27,7 @@ def fit(L, cb, epochs, module=None, **kw):
 
 
 def manifest(path):
-    with open(os.path.join(path, "manifest.json")) as f:
-        return json.load(f)
+    return read_index(path)
 
 
 def kept_epochs(path, tag="best"):

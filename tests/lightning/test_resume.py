@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,8 @@ import sys
 
 import pytest
 import torch
+
+from tests.index import read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,8 +22,7 @@ def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def listing(path):
-    with open(os.path.join(path, "manifest.json")) as f:
-        return sorted((r["name"], tuple(r["tags"])) for r in json.load(f)["records"])
+    return sorted((r["name"], tuple(r["tags"])) for r in read_index(path)["records"])
 
 
 def assert_same_state(a_path, b_path):
@@ -60,19 +60,23 @@ def test_without_rng_restore_the_runs_would_differ(tmp_path, monkeypatch):
     assert full.returncode == 0, full.stderr[-3000:]
     run_script("--dir", str(tmp_path / "split"), "--epochs", "3", "--out", str(tmp_path / "x.pt"), "--kill-at-epoch", "1")
     # drop the saved RNG states from the checkpoint the rerun resumes from
-    with open(tmp_path / "split" / "manifest.json") as f:
-        last = next(r for r in json.load(f)["records"] if "last" in r["tags"])
-    path = tmp_path / "split" / last["files"][0]["path"]
+    from dataclasses import replace
+
+    from checkpoint_hooks.core.directory import CheckpointDirectory
+    from checkpoint_hooks.core.hashing import checksum_file
+    from checkpoint_hooks.core.records import FileEntry
+
+    directory = CheckpointDirectory(str(tmp_path / "split"))
+    manifest = directory.read_manifest()
+    last = next(r for r in manifest.records if "last" in r.tags)
+    path = tmp_path / "split" / last.primary_path
     ckpt = torch.load(path, weights_only=False)
     del ckpt["checkpoint_hooks_rng"]
     torch.save(ckpt, path)
-    manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
-    from checkpoint_hooks.core.hashing import checksum_file
-
-    for record in manifest["records"]:
-        if record["name"] == last["name"]:
-            record["files"][0]["checksum"], record["files"][0]["bytes"] = checksum_file(str(path))
-    (tmp_path / "split" / "manifest.json").write_text(json.dumps(manifest))
+    checksum, size = checksum_file(str(path))
+    entry = FileEntry(last.primary_path, size, checksum)
+    manifest.records = [replace(r, files=(entry, *r.files[1:])) if r is last else r for r in manifest.records]
+    directory.commit(manifest)
     resumed = run_script("--dir", str(tmp_path / "split"), "--epochs", "3", "--out", str(tmp_path / "split.pt"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = torch.load(tmp_path / "full.pt")["state_dict"], torch.load(tmp_path / "split.pt")["state_dict"]

@@ -20,6 +20,7 @@ import pytest
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.errors import CheckpointError
 from checkpoint_hooks.paddle import BestCheckpoint
+from tests.index import read_index
 from tests.paddle.run_preempt import SigtermAt
 from tests.paddle.toy import Recorder, Regression, listing, portable_state, regression_model
 
@@ -78,8 +79,7 @@ def fit(directory: str, epochs: int, *extra: paddle.callbacks.Callback, model: A
 
 
 def manifest(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return read_index(directory)
 
 
 def records(directory: str) -> list[tuple[str, int, int, bool, list[str]]]:

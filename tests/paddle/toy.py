@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import paddle
+
+from tests.index import read_index
 
 W_TRUE = np.array([[0.1], [0.2], [0.3], [0.4]], dtype="float32")
 # Added to the evaluation targets at epoch e: they dominate val_loss, so its ranking is known
@@ -142,8 +143,7 @@ def listing(directory: str) -> list[str]:
 
 
 def manifest_records(directory: str) -> list[dict[str, Any]]:
-    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_index(directory)
     return [
         {"name": r["name"], "epoch": r["epoch"], "step": r["step"], "tags": sorted(r["tags"]), "format": r["format"]}
         for r in data["records"]

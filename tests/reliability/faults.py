@@ -4,7 +4,8 @@ CH_FAULT="phase:n" dies at the n-th time (1-based) the process reaches `phase`:
   write    a checkpoint file is half written in staging
   publish  between moving one staged file into place and the next (sidecar there, payload not)
   commit   after every file is in place, before the manifest names them
-  manifest in the middle of replacing the manifest (temporary file written, not yet renamed)
+  manifest in the middle of writing the index: a half-written journal line, or a temporary
+           manifest not yet renamed
   prune    after the first file of a pruned checkpoint is deleted
 Only the training processes of the reliability tests install these; the library has no such hooks.
 """
@@ -88,6 +89,19 @@ def install(spec: str | None = None) -> None:
         original_commit(self, manifest)
 
     directory_module.CheckpointDirectory.commit = commit  # type: ignore[method-assign]
+
+    original_change = directory_module.CheckpointDirectory.commit_change
+
+    def commit_change(self: Any, current: Any, updated: Any) -> None:
+        if updated.records and _reached("commit", target, n):
+            _die()
+        if updated.records and self.store.is_local and _reached("manifest", target, n):
+            line = directory_module.journal_line(current.change_to(updated))
+            self.store.append_bytes(directory_module.JOURNAL_NAME, line[: len(line) // 2])
+            _die()
+        original_change(self, current, updated)
+
+    directory_module.CheckpointDirectory.commit_change = commit_change  # type: ignore[method-assign]
 
     original_remove = directory_module.CheckpointDirectory.remove_record_files
 
