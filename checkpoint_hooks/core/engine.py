@@ -8,6 +8,7 @@ only then prunes what retention no longer keeps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -110,6 +111,7 @@ class Engine:
     _last_saved_step: int = field(init=False, default=-1)
     _worker: ThreadPoolExecutor | None = field(init=False, default=None)
     _inflight: Future[list[Record]] | None = field(init=False, default=None)
+    _index_exists: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if self.format not in self.extensions:
@@ -207,8 +209,12 @@ class Engine:
         self._lock = DirectoryLock(self.store)
         self._lock.acquire()
         try:
-            self.manifest = self.directory.load()
-            self.directory.clean_uncommitted(self.manifest)
+            manifest = self.directory.read_manifest()
+            self._index_exists = manifest is not None
+            self.manifest = manifest if manifest is not None else self.directory.load()
+            # after a clean end there is nothing to clean, and a long run's directory is not walked
+            if self._lock.unclean or self.manifest.journal_lines or not self._index_exists:
+                self.directory.clean_uncommitted(self.manifest)
         except BaseException:
             self.close()
             raise
@@ -229,8 +235,16 @@ class Engine:
                 self.directory.url,
                 len(self.manifest.records),
             )
-        self.manifest.policy = self.policy.to_dict()
+        self._commit_if_changed()
+
+    def _commit_if_changed(self) -> None:
+        """Write the index at fit start only when it has to change (a long run's index is large)."""
+        policy = self.policy.to_dict()
+        if self._index_exists and not self.manifest.journal_lines and self.manifest.policy == policy:
+            return
+        self.manifest.policy = policy
         self.directory.commit(self.manifest)
+        self._index_exists = True
 
     def resume_candidates(self) -> list[Record]:
         """Resumable records, newest first."""
@@ -287,8 +301,12 @@ class Engine:
             self.manifest.records = [
                 r.with_tags(tags.get(r.name, r.tags)) if r.run == self.run else r for r in self.manifest.records
             ]
-        self.manifest.policy = self.policy.to_dict()
-        self.directory.commit(self.manifest)
+        if newer:
+            self.manifest.policy = self.policy.to_dict()
+            self.directory.commit(self.manifest)
+            self._index_exists = True
+        else:
+            self._commit_if_changed()
         for r in newer:
             self.directory.remove_record_files(r)
         log.log(
@@ -551,8 +569,16 @@ class Engine:
                 staged.append((folder, [sidecar, *files]))
                 records.append(record)
             # The sidecar goes first: a crash mid-publish leaves files that cleanup can find.
-            for folder, relpaths in staged:
-                self.store.publish(folder, relpaths)
+            try:
+                for folder, relpaths in staged:
+                    self.store.publish(folder, relpaths)
+            except BaseException:
+                # what a failed publish put in place is uncommitted: take it back now (the names are this save's)
+                for _folder, relpaths in staged:
+                    for rel in relpaths:
+                        with contextlib.suppress(Exception):
+                            self.store.remove(rel)
+                raise
         return records
 
     def _commit(self, new: Sequence[Record]) -> list[Record]:

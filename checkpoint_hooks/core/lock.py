@@ -54,6 +54,9 @@ class DirectoryLock:
         self.store = store
         self._fd: int | None = None
         self._held = False
+        # whether the previous holder ended without releasing (killed, crashed): then an
+        # interrupted save may have left files behind
+        self.unclean = False
 
     def _conflict(self, info: dict[str, Any]) -> LockError:
         return LockError(
@@ -95,6 +98,7 @@ class DirectoryLock:
             os.close(fd)
             raise self._conflict(info) from None
         previous = self._read(fd)
+        self.unclean = bool(previous)
         if previous.get("pid") and previous.get("pid") != os.getpid():
             log.warning("taking over the lock of %s left by %s, which has ended", self.store.url, _describe(previous))
         os.ftruncate(fd, 0)
@@ -112,6 +116,7 @@ class DirectoryLock:
 
     def _acquire_remote(self) -> None:
         raw = self.store.read_bytes(LOCK_NAME)
+        self.unclean = bool(raw)
         if raw:
             try:
                 info = json.loads(raw.decode())

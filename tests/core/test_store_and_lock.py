@@ -82,7 +82,10 @@ def test_staging_leftovers_of_a_killed_save_are_cleaned(tmp_path):
     engine.start()
     engine.save(0, 0, {}, writer)
     engine.close()
-    # a kill mid-save leaves a staging folder and a published-but-uncommitted checkpoint
+    # a kill mid-save leaves a staging folder, a published-but-uncommitted checkpoint, and the
+    # killed holder's entry in the lock file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": 0}))
     os.mkdir(tmp_path / ".staging-dead")
     (tmp_path / ".staging-dead" / "x.ckpt").write_bytes(b"half")
     (tmp_path / "epoch=009-step=9.ckpt").write_bytes(b"orphan")
@@ -153,3 +156,18 @@ def test_same_process_rerun_takes_over(tmp_path, caplog):
     assert "still locked by an earlier run in this process" in caplog.text
     assert second.held and not first.held
     second.release()
+
+
+def test_after_a_clean_end_the_directory_is_not_walked(tmp_path, monkeypatch):
+    policy = CheckpointPolicy(dirpath=str(tmp_path))
+    engine = Engine(policy, extensions=EXT)
+    engine.start()
+    engine.save(0, 0, {}, writer)
+    engine.close()
+    walked = []
+    original = LocalStore.list_files
+    monkeypatch.setattr(LocalStore, "list_files", lambda self: walked.append(1) or original(self))
+    again = Engine(policy, extensions=EXT)
+    assert again.start().epoch == 0
+    assert walked == []
+    again.close()
