@@ -43,7 +43,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -56,6 +55,7 @@ import numpy as np
 
 from checkpoint_hooks.core import CheckpointError, CorruptCheckpointError, Engine, Record, SaveError, SaveItem
 from checkpoint_hooks.core.engine import Plan
+from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import BEST
 from checkpoint_hooks.core.retention import is_better
 from checkpoint_hooks.core.store import STAGING_PREFIX, is_url
@@ -253,8 +253,11 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         self._epoch_batches = 0
         self._last_step = 0
         self._last_logs: Mapping[str, Any] = {}
-        self._signal_previous: Any = None
-        self._signal_pid = -1
+        self._watch = SigtermWatch(
+            on_signal=self._note_sigterm,
+            is_current=lambda frame: self._fit_running(frame or sys._getframe()),
+            on_stale=self._end_session,
+        )
         self._wrapper: Callable[..., Any] | None = None
         self._wrapped_model: Any = None
         self._sigterm = False
@@ -834,12 +837,12 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         if not engine.policy.save_on_preemption:
             return
         self._fit_frame = self._find_fit_frame()
-        self._install_signal_handler()
+        self._watch.install()
         self._wrap_train_function()
 
     def _end_session(self) -> None:
         """Put back what this fit() replaced and release the directory; safe to call more than once."""
-        self._restore_signal_handler()
+        self._watch.restore()
         self._unwrap_train_function()
         self._fit_frame = None
         self._in_fit = False
@@ -881,37 +884,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             frame = frame.f_back
         return False
 
-    def _install_signal_handler(self) -> None:
-        """Catch SIGTERM for this fit() (only the main thread can), keeping the handler it replaces."""
-        if threading.current_thread() is not threading.main_thread():
-            log.info("fit() runs outside the main thread, where SIGTERM cannot be caught; no save on preemption")
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous is None or previous == signal.SIG_IGN:
-            return  # a handler set outside Python could not be put back; an ignored SIGTERM stays ignored
-        self._signal_previous = previous
-        self._signal_pid = os.getpid()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _restore_signal_handler(self) -> None:
-        previous, self._signal_previous = self._signal_previous, None
-        if previous is None or signal.getsignal(signal.SIGTERM) != self._on_sigterm:
-            return
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
-        else:
-            log.warning("could not put back the SIGTERM handler: fit() ended outside the main thread")
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if os.getpid() == self._signal_pid and self._fit_running(frame or sys._getframe()):
-            self._sigterm = True  # acted on at the next batch end, where the state is consistent
-            return
-        # A forked child, or a fit() that an exception ended without on_train_end: SIGTERM does what it did before.
-        if os.getpid() == self._signal_pid:
-            self._end_session()
-        else:
-            signal.signal(signum, self._signal_previous if self._signal_previous is not None else signal.SIG_DFL)
-        signal.raise_signal(signum)
+    def _note_sigterm(self) -> None:
+        self._sigterm = True  # acted on at the next batch end, where the state is consistent
 
     def _wrap_train_function(self) -> None:
         """Wrap model.train_function for this fit(): an exception escaping a step saves a training state first."""

@@ -57,7 +57,6 @@ import os
 import pickle
 import random
 import signal
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ import paddle
 from checkpoint_hooks.core import Engine, MonitorError, Record, SaveItem
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.errors import CheckpointError
+from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
 __all__ = ["BestCheckpoint"]
@@ -255,8 +255,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._preemption_saved = False
         self._sigterm = False
         self._sigterm_shared = False
-        self._signal_previous: Any = None
-        self._signal_pid = -1
+        self._watch = SigtermWatch(on_signal=self._note_sigterm)
         self._loader: _BetweenBatches | None = None
 
     @classmethod
@@ -481,38 +480,14 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     # -- preemption -------------------------------------------------------------------
 
     def _install_signal_handler(self) -> None:
-        """Catch SIGTERM for this fit (only the main thread can), keeping the handler it replaces."""
-        if not self.policy.save_on_preemption:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            log.info("fit() runs outside the main thread, where SIGTERM cannot be caught; no save on preemption")
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous is None or previous == signal.SIG_IGN:
-            return  # a handler set outside Python could not be put back; an ignored SIGTERM stays ignored
-        # Paddle's C++ crash reporter also catches SIGTERM, but Python sees SIG_DFL there: after
-        # fit() SIGTERM gets the default action, ending the process the same way, without the report.
-        self._signal_previous = previous
-        self._signal_pid = os.getpid()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        """Catch SIGTERM for this fit, keeping the handler it replaces."""
+        if self.policy.save_on_preemption:
+            # Paddle's C++ crash reporter also catches SIGTERM, but Python sees SIG_DFL there: after
+            # fit() SIGTERM gets the default action, ending the process the same way, without the report.
+            self._watch.install()
 
-    def _restore_signal_handler(self) -> None:
-        previous, self._signal_previous = self._signal_previous, None
-        if previous is None or signal.getsignal(signal.SIGTERM) != self._on_sigterm:
-            return  # not installed, or replaced since by someone else: theirs stays
-        try:
-            signal.signal(signal.SIGTERM, previous)
-        except ValueError:  # not in the main thread
-            log.warning("could not put back the SIGTERM handler: fit() ended outside the main thread")
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        # Saving here could interrupt a training step half-way: only mark the request.
-        if os.getpid() != self._signal_pid:
-            # A forked data loader worker inherited this handler: it acts as the one before.
-            signal.signal(signum, self._signal_previous if self._signal_previous is not None else signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        self._sigterm = True
+    def _note_sigterm(self) -> None:
+        self._sigterm = True  # saving here could interrupt a training step half-way: only mark the request
 
     def _stop_requested(self) -> bool:
         """Whether a SIGTERM came (on any rank, under several processes)."""
@@ -532,10 +507,9 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._save_preempted()
         if _world_size() > 1:
             paddle.distributed.barrier()  # rank 0 writes; the others must not end it before it is done
-        if self._signal_previous == signal.SIG_DFL and self._loader is not None:
+        if self._watch.previous == signal.SIG_DFL and self._loader is not None:
             self._loader.close()  # the process ends with the signal; its cleanup would not run
-        self._restore_signal_handler()
-        signal.raise_signal(signal.SIGTERM)
+        self._watch.end_process()
 
     def _on_exception(self, exc: BaseException) -> None:
         """An exception escapes a pass of this fit: save a preempted training_state first.
@@ -817,7 +791,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._fit_callbacks = None
         self._loader = None
         self._remove_shim()
-        self._restore_signal_handler()
+        self._watch.restore()
         if self.engine is not None:
             self.engine.close()
         if self._sigterm:

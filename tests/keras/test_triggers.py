@@ -168,11 +168,11 @@ def test_sigterm_saves_then_hands_the_signal_to_the_users_handler(tmp_path: Any)
         assert signal.getsignal(signal.SIGTERM) is handler
         # During fit() the callback's own, until it saved at step 6.
         assert probe.handlers == {
-            1: checkpoint._on_sigterm,
-            2: checkpoint._on_sigterm,
-            3: checkpoint._on_sigterm,
-            4: checkpoint._on_sigterm,
-            5: checkpoint._on_sigterm,
+            1: checkpoint._watch._handle,
+            2: checkpoint._watch._handle,
+            3: checkpoint._watch._handle,
+            4: checkpoint._watch._handle,
+            5: checkpoint._watch._handle,
             6: handler,
         }
     finally:
@@ -298,7 +298,7 @@ def test_a_fit_ended_by_an_exception_elsewhere_leaves_nothing_behind(tmp_path: A
         with pytest.raises(ValueError, match="a callback failed"):
             fit(model, [checkpoint, Crash()], epochs=2)
         # Keras calls no callback when fit() fails outside a training step: the handler is still the callback's,
-        assert signal.getsignal(signal.SIGTERM) == checkpoint._on_sigterm
+        assert signal.getsignal(signal.SIGTERM) == checkpoint._watch._handle
         # but it sees that fit() is over, puts the user's back and hands it the signal.
         os.kill(os.getpid(), signal.SIGTERM)
         assert received == [signal.SIGTERM]

@@ -226,7 +226,7 @@ def test_sigterm_with_a_handler_of_the_users_saves_then_runs_that_handler(tmp_pa
     assert calls == [signal.SIGTERM]
     assert after is users_handler
     # The callback's own handler until the save, the user's from then on.
-    assert seen[:6] == [callback._on_sigterm] * 6 and set(seen[6:]) == {users_handler}
+    assert seen[:6] == [callback._watch._handle] * 6 and set(seen[6:]) == {users_handler}
     assert [entry[:4] for entry in lasts.seen] == [
         ("epoch=000-step=4", 4, False, ["best", "last"]),
         ("preempted-epoch=001-step=6", 6, True, ["last", "preempted"]),
