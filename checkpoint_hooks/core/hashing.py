@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -10,6 +11,8 @@ import xxhash
 
 CHUNK = 8 * 1024 * 1024
 ALGORITHM = "xxh3_128"
+
+_local = threading.local()
 
 _FACTORIES: dict[str, Callable[[], Any]] = {
     "xxh3_128": xxhash.xxh3_128,
@@ -25,15 +28,22 @@ def new_hasher(algorithm: str = ALGORITHM) -> Any:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(_FACTORIES)}") from None
 
 
+def _buffer() -> memoryview:
+    """A read buffer reused by this thread (the background saver hashes beside the training thread)."""
+    view: memoryview | None = getattr(_local, "buffer", None)
+    if view is None:
+        view = _local.buffer = memoryview(bytearray(CHUNK))
+    return view
+
+
 def checksum_stream(stream: IO[bytes], algorithm: str = ALGORITHM) -> tuple[str, int]:
     """The checksum ("algorithm:hex") and the byte count of everything left in `stream`."""
     hasher = new_hasher(algorithm)
     total = 0
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     readinto = getattr(stream, "readinto", None)
+    view = _buffer() if readinto is not None else None
     while True:
-        if readinto is not None:
+        if readinto is not None and view is not None:
             n = readinto(view)
             if not n:
                 break
