@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream
-from checkpoint_hooks.core.lock import LOCK_NAME
 from checkpoint_hooks.core.manifest import (
     COMPACT_EVERY,
     JOURNAL_NAME,
@@ -187,7 +186,4 @@ class CheckpointDirectory:
         # Tags come from the sidecars' roles; the engine re-applies retention on its next save.
         next_seq = max((r.seq for r in records), default=0) + 1
         return Manifest(records=[r.with_tags(r.roles) for r in records], next_seq=next_seq), skipped
-
-    def is_ours(self, relpath: str) -> bool:
-        return relpath in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME) or relpath.endswith(".meta.json")
 

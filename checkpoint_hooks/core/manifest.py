@@ -55,12 +55,6 @@ class Manifest:
                 return record
         return None
 
-    def by_path(self, relpath: str) -> Record | None:
-        for record in self.records:
-            if any(f.path == relpath for f in record.files) or record.name == relpath:
-                return record
-        return None
-
     def run_records(self, run: str) -> list[Record]:
         return sorted((r for r in self.records if r.run == run), key=lambda r: r.seq)
 

@@ -6,7 +6,7 @@ import string
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from checkpoint_hooks.policy import PolicyError, template_fields
+from checkpoint_hooks.policy import PolicyError
 
 
 def format_name(template: str, values: Mapping[str, Any]) -> str:
@@ -35,7 +35,3 @@ def unique_name(base: str, taken: Collection[str]) -> str:
         version += 1
     return f"{base}-v{version}"
 
-
-def check_template(template: str, known: Collection[str]) -> list[str]:
-    """Placeholders of `template` that are not in `known`."""
-    return [name for name, _spec in template_fields(template) if name not in known]
