@@ -30,7 +30,7 @@ from checkpoint_hooks.core.manifest import Manifest, sidecar_bytes, sidecar_name
 from checkpoint_hooks.core.naming import format_name, unique_name
 from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED, FileEntry, Record
 from checkpoint_hooks.core.store import Store, open_store
-from checkpoint_hooks.policy import CheckpointPolicy
+from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
 
 log = logging.getLogger("checkpoint_hooks")
 
@@ -121,8 +121,6 @@ class Engine:
             try:
                 self.store = open_store(self.policy.dirpath)
             except NotADirectoryError as exc:
-                from checkpoint_hooks.policy import PolicyError
-
                 raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
         self.directory = CheckpointDirectory(self.store)
 
