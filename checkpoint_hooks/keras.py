@@ -400,18 +400,15 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
 
     @property
     def best_model_path(self) -> str:
-        record = self._engine.best_record if self._engine is not None else None
-        return self._engine.path_of(record) if self._engine is not None and record is not None else ""
+        return self._engine.best_model_path if self._engine is not None else ""
 
     @property
     def best_model_score(self) -> float | None:
-        record = self._engine.best_record if self._engine is not None else None
-        return record.score(self.monitor) if record is not None else None
+        return self._engine.best_model_score if self._engine is not None else None
 
     @property
     def last_model_path(self) -> str:
-        record = self._engine.last_record if self._engine is not None else None
-        return self._engine.path_of(record) if self._engine is not None and record is not None else ""
+        return self._engine.last_model_path if self._engine is not None else ""
 
     @property
     def preempted(self) -> bool:

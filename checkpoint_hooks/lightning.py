@@ -392,11 +392,11 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             monitor = self.policy.monitor
             summary = {
                 "best_k_models": {engine.path_of(r): r.score(monitor) for r in ranked},
-                "best_model_path": engine.path_of(ranked[0]) if ranked else "",
-                "best_model_score": ranked[0].score(monitor) if ranked else None,
+                "best_model_path": engine.best_model_path,
+                "best_model_score": engine.best_model_score,
                 "kth_best_model_path": engine.path_of(ranked[-1]) if ranked else "",
                 "kth_value": ranked[-1].score(monitor) if ranked else None,
-                "last_model_path": engine.path_of(engine.last_record) if engine.last_record else "",
+                "last_model_path": engine.last_model_path,
             }
         summary = trainer.strategy.broadcast(summary)
         if summary is None:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import pickle
 import random
@@ -268,20 +267,16 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     @property
     def best_model_path(self) -> str:
         """Path of the best checkpoint's primary file ('' before the first save)."""
-        record = self.engine.best_record if self.engine else None
-        return self.engine.path_of(record) if self.engine and record else ""
+        return self.engine.best_model_path if self.engine else ""
 
     @property
     def best_model_score(self) -> float | None:
-        record = self.engine.best_record if self.engine else None
-        score = record.score(self.policy.monitor) if record else None
-        return None if score is None or math.isnan(score) else score
+        return self.engine.best_model_score if self.engine else None
 
     @property
     def last_model_path(self) -> str:
         """Path of the rolling last training_state's `.pdparams` ('' before the first save)."""
-        record = self.engine.last_record if self.engine else None
-        return self.engine.path_of(record) if self.engine and record else ""
+        return self.engine.last_model_path if self.engine else ""
 
     # -- fit hooks --------------------------------------------------------------------
 

@@ -155,6 +155,25 @@ class Engine:
         lasts = [r for r in self.run_records() if LAST in r.tags]
         return lasts[-1] if lasts else None
 
+    @property
+    def best_model_path(self) -> str:
+        """Where the best checkpoint is ('' before the first one)."""
+        best = self.best_record
+        return self.path_of(best) if best else ""
+
+    @property
+    def best_model_score(self) -> float | None:
+        """The best monitored value; None before the first, without a monitor, or when it is NaN."""
+        best = self.best_record
+        score = best.score(self.policy.monitor) if best else None
+        return None if score is None or math.isnan(score) else score
+
+    @property
+    def last_model_path(self) -> str:
+        """Where the rolling last checkpoint is ('' before the first one)."""
+        last = self.last_record
+        return self.path_of(last) if last else ""
+
     def path_of(self, record: Record) -> str:
         assert self.store is not None
         return self.store.join(record.primary_path)
@@ -633,15 +652,13 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         """The retention state as saved inside a framework checkpoint (the manifest holds the full copy)."""
-        best = self.best_record
-        score = best.score(self.policy.monitor) if best else None
         return {
             "run": self.run,
             "dirpath": self.directory.url,
-            "best_model_path": self.path_of(best) if best else "",
-            "best_model_score": None if score is None or math.isnan(score) else score,
+            "best_model_path": self.best_model_path,
+            "best_model_score": self.best_model_score,
             "best_k_models": {self.path_of(r): r.score(self.policy.monitor) for r in self.top_k_records()},
-            "last_model_path": self.path_of(self.last_record) if self.last_record else "",
+            "last_model_path": self.last_model_path,
             "record": self._writing.name if self._writing else None,
         }
 

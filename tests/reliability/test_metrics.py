@@ -56,6 +56,9 @@ def test_all_nan_run_keeps_no_best_score_but_keeps_checkpoints(tmp_path):
     for epoch in range(3):
         engine.save(epoch, epoch, {"val_loss": NAN}, lambda item, path: open(path, "wb").write(b"x"))
     assert engine.state_dict()["best_model_score"] is None
+    assert engine.best_model_score is None  # what every adapter shows as its best score
+    assert engine.best_model_path == str(tmp_path / "epoch=000-val_loss=nan.bin")
+    assert engine.last_model_path == engine.path_of(engine.last_record)
     assert [r.epoch for r in engine.top_k_records()] == [0]  # the first NaN fills the slot; NaN never improves
     assert engine.last_record.epoch == 2
     engine.close()
