@@ -447,8 +447,14 @@ class Engine:
     def save(self, epoch: int, step: int, metrics: Mapping[str, Any], write: Writer) -> list[Record]:
         return self.execute(self.plan(epoch, step, metrics), write)
 
-    def execute(self, plan: Plan, write: Writer) -> list[Record]:
-        """Write the plan's items, commit them in one manifest write, then prune."""
+    def execute(self, plan: Plan, write: Writer, background: bool = False) -> list[Record]:
+        """Write the plan's items, commit them in one manifest write, then prune.
+
+        With `background=True` only `write` runs here, into a staging folder; hashing, fsync,
+        publishing, the commit and pruning run in the worker thread (as in `execute_async`)
+        and the committed records are not returned. The framework's state is saved before
+        this returns, so training cannot change it mid-write.
+        """
         self.wait()
         if not plan:
             return []
@@ -460,7 +466,33 @@ class Engine:
                 for item in plan.items:
                     write(item, os.path.join(scratch, item.filename))
             return []
-        return self._save_now(plan, write)
+        if not background:
+            return self._save_now(plan, write)
+        assert self.store is not None
+        stack = contextlib.ExitStack()
+        prewritten = stack.enter_context(self.store.staging())
+        try:
+            for index, item in enumerate(plan.items):
+                folder = os.path.join(prewritten, str(index))
+                os.mkdir(folder)
+                self._writing = item
+                try:
+                    write(item, os.path.join(folder, item.filename))
+                finally:
+                    self._writing = None
+        except Exception as exc:
+            stack.close()
+            self._fail(plan, exc)
+            return []
+        positions = {item.name: index for index, item in enumerate(plan.items)}
+
+        def move(item: SaveItem, path: str) -> None:
+            folder = os.path.join(prewritten, str(positions[item.name]))
+            for entry in os.listdir(folder):  # a rename: the bytes were written on the training thread
+                os.replace(os.path.join(folder, entry), os.path.join(os.path.dirname(path), entry))
+
+        self._submit(plan, move, stack.close)
+        return []
 
     def execute_async(
         self, plan: Plan, snapshot: Callable[[SaveItem], Any], write: Callable[[SaveItem, Any, str], None]
@@ -486,11 +518,21 @@ class Engine:
                 self._writing = None
         if not self.is_writer:
             return
+        self._submit(plan, lambda item, path: write(item, payloads[item.name], path))
+
+    def _submit(self, plan: Plan, write: Writer, cleanup: Callable[[], Any] | None = None) -> None:
+        """Run `_save_now` in the single worker thread; `cleanup` runs after it, whatever happens."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
-        self._inflight = self._worker.submit(
-            self._save_now, plan, lambda item, path: write(item, payloads[item.name], path)
-        )
+
+        def run() -> list[Record]:
+            try:
+                return self._save_now(plan, write)
+            finally:
+                if cleanup is not None:
+                    cleanup()
+
+        self._inflight = self._worker.submit(run)
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any, and raise its error."""
@@ -506,16 +548,21 @@ class Engine:
             removed = self._commit(records)
         except Exception as exc:
             self._discard(records)
-            error = self._save_error(plan, exc)
-            if self.policy.on_save_error == "warn":
-                log.warning("%s; training goes on (on_save_error='warn')", error)
-                return []
-            raise error from exc
+            self._fail(plan, exc)
+            return []
         self._last_save_time = time.monotonic()
         self._last_saved_step = plan.step
         self._log_save(records, time.perf_counter() - started)
         self._prune(removed)
         return records
+
+    def _fail(self, plan: Plan, exc: Exception) -> None:
+        """A failed save: raise it as SaveError, or only warn with on_save_error='warn'."""
+        error = self._save_error(plan, exc)
+        if self.policy.on_save_error == "warn":
+            log.warning("%s; training goes on (on_save_error='warn')", error)
+            return
+        raise error from exc
 
     def _discard(self, records: Sequence[Record]) -> None:
         """Remove what a failed save published without a commit (the next start would, too)."""

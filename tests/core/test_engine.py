@@ -350,3 +350,51 @@ def test_async_save_snapshots_now_writes_later_and_surfaces_errors(tmp_path, cap
     e.close()  # flushes
     assert [r.epoch for r in e.manifest.records] == [0, 2]
     assert e.directory.verify() == []
+
+
+def test_background_execute_writes_now_and_commits_in_the_worker(tmp_path, monkeypatch, caplog):
+    import threading
+
+    from checkpoint_hooks.core import engine as engine_module
+
+    e = engine(dirpath=str(tmp_path), top_k=1)
+    e.start()
+    writer_threads = []
+    gate = threading.Event()
+    real_checksum = engine_module.checksum_file
+
+    def held_checksum(path):
+        gate.wait(10)  # hold the worker before its commit
+        return real_checksum(path)
+
+    monkeypatch.setattr(engine_module, "checksum_file", held_checksum)
+
+    def write(item, path):
+        writer_threads.append(threading.current_thread())
+        with open(path, "wb") as f:
+            f.write(item.name.encode())
+        with open(path + ".extra", "wb") as f:  # a sibling file travels with it
+            f.write(b"x")
+
+    assert e.execute(e.plan(0, 1, {"val_loss": 0.5}), write, background=True) == []
+    assert writer_threads == [threading.current_thread()]  # the state was written on the calling thread
+    assert e._inflight is not None and not e._inflight.done()
+    assert not any(n.endswith(".ckpt") for n in os.listdir(tmp_path))  # nothing visible before the commit
+    gate.set()
+    plan = e.plan(1, 2, {"val_loss": 0.4})  # waits for the save in flight
+    (first,) = e.manifest.records
+    assert [f.path for f in first.files] == [first.primary_path, first.primary_path + ".extra"]
+    assert (tmp_path / first.primary_path).read_bytes() == first.name.encode()
+    assert e.directory.verify() == []
+
+    def broken(item, path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SaveError, match="No space left on device"):  # a failed write raises at once
+        e.execute(plan, broken, background=True)
+    monkeypatch.setattr(e.store, "publish", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    e.execute(e.plan(1, 2, {"val_loss": 0.4}), write, background=True)
+    with pytest.raises(SaveError, match="I/O error"):  # a failure in the worker surfaces at the end
+        e.close()
+    assert [r.epoch for r in e.manifest.records] == [0]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging-")]  # the staged files are gone
