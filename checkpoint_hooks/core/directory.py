@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream
@@ -88,17 +89,21 @@ class CheckpointDirectory:
         if self.store.is_local:
             self.store.remove(JOURNAL_NAME)
 
-    def commit_change(self, current: Manifest, updated: Manifest) -> None:
-        """Commit `updated`, which grew out of `current`: one journal line on local disks, else a rewrite."""
-        if not isinstance(self.store, LocalStore) or current.journal_lines >= COMPACT_EVERY:
-            updated.commit = current.commit
+    def commit_change(self, manifest: Manifest, change: dict[str, Any]) -> Manifest:
+        """Commit a change (`Manifest.change`) to `manifest`: one journal line on local disks, else a rewrite.
+
+        Returns the index after the change; `manifest` itself is left as it was when the write fails.
+        """
+        if not isinstance(self.store, LocalStore) or manifest.journal_lines >= COMPACT_EVERY:
+            updated = manifest.copy()
+            updated.apply(change, history=False)
+            updated.commit = manifest.commit
             self.commit(updated)
-            return
-        change = current.change_to(updated)
+            return updated
         self.store.append_bytes(JOURNAL_NAME, journal_line(change))
-        updated.commit = change["commit"]
-        updated.journal_lines = current.journal_lines + 1
-        updated.history_written = len(updated.history)
+        manifest.apply(change, history=False)
+        manifest.history_written = len(manifest.history)
+        return manifest
 
     # -- files ------------------------------------------------------------------------
 

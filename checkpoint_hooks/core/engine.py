@@ -28,7 +28,7 @@ from checkpoint_hooks.core.hashing import checksum_file
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import Manifest, sidecar_bytes, sidecar_name
 from checkpoint_hooks.core.naming import format_name, unique_name
-from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED, FileEntry, Record
+from checkpoint_hooks.core.records import BEST, LAST, MILESTONE, PREEMPTED, SNAPSHOT, FileEntry, Record
 from checkpoint_hooks.core.store import Store, open_store
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
 
@@ -112,6 +112,7 @@ class Engine:
     _worker: ThreadPoolExecutor | None = field(init=False, default=None)
     _inflight: Future[list[Record]] | None = field(init=False, default=None)
     _index_exists: bool = field(init=False, default=False)
+    _retained_in_full: bool = field(init=False, default=False)  # see _retention_candidates
 
     def __post_init__(self) -> None:
         if self.format not in self.extensions:
@@ -139,7 +140,7 @@ class Engine:
 
     def top_k_records(self) -> list[Record]:
         """The records the top-k rule keeps, best first (newest first without a monitor)."""
-        members = retention.top_k_members(self.run_records())
+        members = self.manifest.holders(self.run, BEST)
         if self.policy.monitor is None:
             return sorted(members, key=lambda r: -r.seq)
         mode = self.policy.resolved_mode
@@ -152,7 +153,7 @@ class Engine:
 
     @property
     def last_record(self) -> Record | None:
-        lasts = [r for r in self.run_records() if LAST in r.tags]
+        lasts = self.manifest.holders(self.run, LAST)
         return lasts[-1] if lasts else None
 
     @property
@@ -244,6 +245,7 @@ class Engine:
         """Begin a new run; checkpoints of earlier runs in the directory stay untouched."""
         self.run = uuid.uuid4().hex[:12]
         self.resumed_from = None
+        self._retained_in_full = True  # a new run has no records yet
         if not self.is_writer:
             return
         if self.manifest.records:
@@ -290,9 +292,12 @@ class Engine:
         for the second (`discard_newer=False`) the run forks and nothing is deleted.
         """
         self.resumed_from = record
+        # the tags were given by this policy (not another one, not a rebuild from sidecars)
+        self._retained_in_full = self.manifest.policy == self.policy.to_dict()
         newer = [r for r in self.manifest.run_records(record.run) if r.seq > record.seq]
         if newer and not discard_newer:
             self.run = uuid.uuid4().hex[:12]
+            self._retained_in_full = True
             log.warning(
                 "resuming from %s, which has %d newer checkpoint(s) in its run; they stay untouched "
                 "and this run keeps its own",
@@ -309,15 +314,18 @@ class Engine:
                 record.name,
                 ", ".join(r.name for r in newer),
             )
-            self.manifest.records = [r for r in self.manifest.records if r not in newer]
+            for r in newer:
+                self.manifest.discard(r.name)
             self.manifest.history = [
                 h for h in self.manifest.history if not (h.get("run") == self.run and h["epoch"] > record.epoch)
             ]
             # Roles the removed records held (last, above all) return to the ones that remain.
-            tags = retention.retain(self.policy, self.run_records())
-            self.manifest.records = [
-                r.with_tags(tags.get(r.name, r.tags)) if r.run == self.run else r for r in self.manifest.records
-            ]
+            remaining = self.run_records()
+            tags = retention.retain(self.policy, remaining)
+            for r in remaining:
+                if tags.get(r.name, r.tags) != r.tags:
+                    self.manifest.put(r.with_tags(tags[r.name]))
+            self._retained_in_full = True
         if newer:
             self.manifest.policy = self.policy.to_dict()
             self.directory.commit(self.manifest)
@@ -376,7 +384,7 @@ class Engine:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
         self.wait()  # retention decides on what is committed, including a save still in flight
         values = self._observe(epoch, step, metrics)
-        roles = retention.plan_save(self.policy, self.run_records(), epoch, self.monitored_value(values))
+        roles = retention.plan_save(self.policy, self.manifest.holders(self.run, BEST), epoch, self.monitored_value(values))
         if not roles:
             return Plan(epoch, step, values)
         namer = self._namer(epoch, step, values)
@@ -435,11 +443,16 @@ class Engine:
             fields[self.policy.monitor] = math.nan
         fields.update(values)
         fields.update(epoch=epoch + self.epoch_base, step=step)
-        taken = {r.name for r in self.manifest.records}
+        given: set[str] = set()
+        manifest = self.manifest
+
+        class Taken:  # the manifest's names and this save's, without copying a long run's names
+            def __contains__(self, name: object) -> bool:
+                return name in given or name in manifest
 
         def make(template: str, fmt: str, roles: frozenset[str]) -> SaveItem:
-            name = unique_name(format_name(template, fields), taken)
-            taken.add(name)
+            name = unique_name(format_name(template, fields), Taken())
+            given.add(name)
             return SaveItem(name, fmt, roles, name + self.extensions[fmt])
 
         return make
@@ -578,7 +591,7 @@ class Engine:
         names = ", ".join(i.filename for i in plan.items)
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         needed = ""
-        previous = self.run_records()
+        previous = self.manifest.holders(self.run, LAST) or self.run_records()
         if previous:
             needed = f" (the previous save took {previous[-1].bytes} bytes)"
         where = self.directory.url
@@ -649,21 +662,34 @@ class Engine:
         """Record the new checkpoints and the retention that follows in one manifest write.
 
         The in-memory manifest changes only once that write succeeded."""
-        run_records = self.run_records() + list(new)
-        tags = retention.retain(self.policy, run_records)
-        kept = [r if r.tags == tags[r.name] else r.with_tags(tags[r.name]) for r in run_records if r.name in tags]
-        removed = [r for r in run_records if r.name not in tags]
-        others = [r for r in self.manifest.records if r.run != self.run]
-        updated = Manifest(
-            records=others + kept,
-            policy=self.policy.to_dict(),
+        candidates = self._retention_candidates()
+        tags = retention.retain(self.policy, [*candidates, *new])
+        change = self.manifest.change(
+            add=[r.with_tags(tags[r.name]) for r in new if r.name in tags],
+            drop=[r.name for r in candidates if r.name not in tags],
+            tags={r.name: tags[r.name] for r in candidates if r.name in tags and tags[r.name] != r.tags},
             next_seq=max(self.manifest.next_seq, max(r.seq for r in new) + 1),
-            history=list(self.manifest.history),
-            history_written=self.manifest.history_written,
+            policy=self.policy.to_dict(),
         )
-        self.directory.commit_change(self.manifest, updated)
-        self.manifest = updated
-        return removed
+        self.manifest = self.directory.commit_change(self.manifest, change)
+        self._retained_in_full = True
+        return [r for r in [*candidates, *new] if r.name not in tags]
+
+    def _retention_candidates(self) -> list[Record]:
+        """The run's records whose tags a new save can change, in save order.
+
+        Once retention has run over the whole run with this policy, a save can only take
+        tags from records that hold best, last, preempted or milestone, or from the snapshots
+        beyond `keep`; a record that holds nothing but an unlimited snapshot stays as it is.
+        So a save looks at a handful of records, not at all the epochs of a long run.
+        """
+        if not self._retained_in_full:
+            return self.run_records()
+        tags = [BEST, LAST, PREEMPTED, MILESTONE]
+        if self.policy.snapshots.keep is not None:
+            tags.append(SNAPSHOT)
+        found = {r.name: r for tag in tags for r in self.manifest.holders(self.run, tag)}
+        return sorted(found.values(), key=lambda r: r.seq)
 
     def _prune(self, removed: Sequence[Record]) -> None:
         """Delete what retention dropped; runs only after the commit that dropped it."""

@@ -18,8 +18,7 @@ The base is rewritten, and the journal emptied, at fit start and every
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import xxhash
@@ -38,32 +37,99 @@ def sidecar_name(record_name: str) -> str:
     return record_name + SIDECAR_SUFFIX
 
 
-@dataclass
 class Manifest:
-    records: list[Record] = field(default_factory=list)
-    policy: dict[str, Any] = field(default_factory=dict)
-    next_seq: int = 1
-    # The monitored and other logged values of every epoch end, saved or not: {run, epoch, step, metrics}.
-    history: list[dict[str, Any]] = field(default_factory=list)
-    commit: int = 0  # number of the last commit this index holds (base or journal line)
-    journal_lines: int = 0  # journal lines applied on top of the base
-    history_written: int = 0  # history entries already in the base or the journal
+    """The committed records of a directory, indexed by name and by (run, tag) for the engine's hot path.
+
+    An epoch end touches only the records whose tags change, so committing is
+    independent of how many checkpoints a long run has accumulated.
+    """
+
+    def __init__(
+        self,
+        records: Iterable[Record] = (),
+        policy: dict[str, Any] | None = None,
+        next_seq: int = 1,
+        history: list[dict[str, Any]] | None = None,
+        commit: int = 0,
+        journal_lines: int = 0,
+        history_written: int = 0,
+    ) -> None:
+        self._by_name: dict[str, Record] = {}
+        self._tagged: dict[tuple[str, str], dict[str, Record]] = {}
+        self.records = list(records)
+        self.policy: dict[str, Any] = dict(policy or {})
+        self.next_seq = next_seq
+        # The monitored and other logged values of every epoch end, saved or not: {run, epoch, step, metrics}.
+        self.history: list[dict[str, Any]] = history if history is not None else []
+        self.commit = commit  # number of the last commit this index holds (base or journal line)
+        self.journal_lines = journal_lines  # journal lines applied on top of the base
+        self.history_written = history_written  # history entries already in the base or the journal
+
+    # -- records ----------------------------------------------------------------------
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record, in save order."""
+        return list(self._by_name.values())
+
+    @records.setter
+    def records(self, records: Iterable[Record]) -> None:
+        self._by_name.clear()
+        self._tagged.clear()
+        for record in sorted(records, key=lambda r: r.seq):
+            self.put(record)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def put(self, record: Record) -> None:
+        """Add a record, or replace the one of the same name (its place in save order stays)."""
+        self.discard(record.name, keep_place=True)
+        self._by_name[record.name] = record
+        for tag in record.tags:
+            self._tagged.setdefault((record.run, tag), {})[record.name] = record
+
+    def discard(self, name: str, keep_place: bool = False) -> None:
+        old = self._by_name.get(name)
+        if old is None:
+            return
+        for tag in old.tags:
+            self._tagged.get((old.run, tag), {}).pop(name, None)
+        if not keep_place:
+            del self._by_name[name]
 
     def by_name(self, name: str) -> Record | None:
-        for record in self.records:
-            if record.name == name:
-                return record
-        return None
+        return self._by_name.get(name)
 
     def run_records(self, run: str) -> list[Record]:
-        return sorted((r for r in self.records if r.run == run), key=lambda r: r.seq)
+        return sorted((r for r in self._by_name.values() if r.run == run), key=lambda r: r.seq)
+
+    def holders(self, run: str, tag: str) -> list[Record]:
+        """The records of `run` that hold `tag`, in save order (without looking at the others)."""
+        return sorted(self._tagged.get((run, tag), {}).values(), key=lambda r: r.seq)
 
     def referenced_paths(self) -> set[str]:
         paths = {MANIFEST_NAME, JOURNAL_NAME}
-        for record in self.records:
+        for record in self._by_name.values():
             paths.add(sidecar_name(record.name))
             paths.update(f.path for f in record.files)
         return paths
+
+    def copy(self) -> Manifest:
+        return Manifest(
+            self._by_name.values(),
+            self.policy,
+            self.next_seq,
+            list(self.history),
+            self.commit,
+            self.journal_lines,
+            self.history_written,
+        )
+
+    # -- bytes ------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
         data = {
@@ -72,7 +138,7 @@ class Manifest:
             "commit": self.commit,
             "next_seq": self.next_seq,
             "policy": self.policy,
-            "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.seq)],
+            "records": [r.to_json() for r in sorted(self._by_name.values(), key=lambda r: r.seq)],
             "history": [_encode_history(h) for h in self.history],
         }
         # compact: the C encoder (an indented dump is several times slower on long runs)
@@ -109,30 +175,42 @@ class Manifest:
         manifest.history_written = len(manifest.history)
         return manifest
 
-    def change_to(self, updated: Manifest) -> dict[str, Any]:
-        """The journal entry that turns this index into `updated` (records compared by name and tags)."""
-        before = {r.name: r for r in self.records}
-        after = {r.name: r for r in updated.records}
+    # -- changes ----------------------------------------------------------------------
+
+    def change(
+        self,
+        add: Iterable[Record] = (),
+        drop: Iterable[str] = (),
+        tags: Mapping[str, frozenset[str]] | None = None,
+        next_seq: int | None = None,
+        policy: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The journal entry of the next commit: records added, dropped and retagged, and the unwritten history."""
         change: dict[str, Any] = {
             "commit": self.commit + 1,
-            "add": [r.to_json() for r in updated.records if r.name not in before],
-            "drop": [name for name in before if name not in after],
-            "tags": {n: sorted(r.tags) for n, r in after.items() if n in before and before[n].tags != r.tags},
-            "next_seq": updated.next_seq,
-            "history": [_encode_history(h) for h in updated.history[self.history_written :]],
+            "add": [r.to_json() for r in add],
+            "drop": list(drop),
+            "tags": {name: sorted(t) for name, t in (tags or {}).items()},
+            "next_seq": next_seq if next_seq is not None else self.next_seq,
+            "history": [_encode_history(h) for h in self.history[self.history_written :]],
         }
-        if updated.policy != self.policy:
-            change["policy"] = updated.policy
+        if policy is not None and policy != self.policy:
+            change["policy"] = policy
         return change
 
-    def apply(self, change: dict[str, Any]) -> None:
-        drop = set(change.get("drop") or ())
-        retag = {name: frozenset(tags) for name, tags in (change.get("tags") or {}).items()}
-        records = [r.with_tags(retag[r.name]) if r.name in retag else r for r in self.records if r.name not in drop]
-        records.extend(Record.from_json(r) for r in change.get("add") or ())
-        self.records = records
+    def apply(self, change: dict[str, Any], history: bool = True) -> None:
+        """Apply a journal entry (`history=False` when this index already holds its history entries)."""
+        for name in change.get("drop") or ():
+            self.discard(name)
+        for name, tags in (change.get("tags") or {}).items():
+            record = self._by_name.get(name)
+            if record is not None:
+                self.put(record.with_tags(frozenset(tags)))
+        for data in change.get("add") or ():
+            self.put(Record.from_json(data))
         self.next_seq = int(change.get("next_seq") or self.next_seq)
-        self.history.extend(_decode_history(h) for h in change.get("history") or ())
+        if history:
+            self.history.extend(_decode_history(h) for h in change.get("history") or ())
         if "policy" in change:
             self.policy = dict(change["policy"])
         self.commit = int(change["commit"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Collection, Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 from checkpoint_hooks.policy import PolicyError
@@ -26,7 +26,7 @@ def format_name(template: str, values: Mapping[str, Any]) -> str:
     return "".join(parts).replace("/", "_").replace("\\", "_")
 
 
-def unique_name(base: str, taken: Collection[str]) -> str:
+def unique_name(base: str, taken: Container[str]) -> str:
     """`base`, or `base-v1`, `base-v2`, ... when taken (Lightning's convention)."""
     if base not in taken:
         return base

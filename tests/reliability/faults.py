@@ -92,14 +92,14 @@ def install(spec: str | None = None) -> None:
 
     original_change = directory_module.CheckpointDirectory.commit_change
 
-    def commit_change(self: Any, current: Any, updated: Any) -> None:
-        if updated.records and _reached("commit", target, n):
+    def commit_change(self: Any, manifest: Any, change: Any) -> Any:
+        if change["add"] and _reached("commit", target, n):
             _die()
-        if updated.records and self.store.is_local and _reached("manifest", target, n):
-            line = directory_module.journal_line(current.change_to(updated))
+        if change["add"] and self.store.is_local and _reached("manifest", target, n):
+            line = directory_module.journal_line(change)
             self.store.append_bytes(directory_module.JOURNAL_NAME, line[: len(line) // 2])
             _die()
-        original_change(self, current, updated)
+        return original_change(self, manifest, change)
 
     directory_module.CheckpointDirectory.commit_change = commit_change  # type: ignore[method-assign]
 
