@@ -15,9 +15,12 @@ from checkpoint_hooks.core.errors import ManifestError
 from checkpoint_hooks.core.hashing import algorithm_of, checksum_stream
 from checkpoint_hooks.core.manifest import (
     COMPACT_EVERY,
+    HEAD_NAME,
     JOURNAL_NAME,
     MANIFEST_NAME,
+    Head,
     Manifest,
+    head_bytes,
     journal_line,
     record_from_sidecar,
     sidecar_name,
@@ -59,6 +62,28 @@ class CheckpointDirectory:
         journal = self.store.read_bytes(JOURNAL_NAME) if self.store.is_local else None
         return Manifest.from_bytes(raw, self.store.join(MANIFEST_NAME), journal)
 
+    def read_head(self) -> Head | None:
+        """The newest records without parsing the whole index; None when only the full index can tell.
+
+        The head is checked against the base's checksum, so a head left behind by an
+        interrupted commit, or a base written by other means, is not trusted.
+        """
+        if not self.store.is_local:
+            return None
+        raw = self.store.read_bytes(HEAD_NAME)
+        base = self.store.read_bytes(MANIFEST_NAME) if raw is not None else None
+        if raw is None or base is None:
+            return None
+        try:
+            return Head(raw, base, self.store.read_bytes(JOURNAL_NAME))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            log.debug("not using %s (%s); reading the full index", self.store.join(HEAD_NAME), exc)
+            return None
+
+    def parse(self, head: Head) -> Manifest:
+        """The full index from the bytes a head was checked against."""
+        return Manifest.from_bytes(head.base, self.store.join(MANIFEST_NAME), head.journal)
+
     def load(self) -> Manifest:
         """The manifest, refusing to start a new one over checkpoints whose index is missing."""
         manifest = self.read_manifest()
@@ -79,10 +104,13 @@ class CheckpointDirectory:
             self.store.ensure()
         manifest.commit += 1
         try:
-            self.store.write_bytes(MANIFEST_NAME, manifest.to_bytes())
+            base = manifest.to_bytes()
+            self.store.write_bytes(MANIFEST_NAME, base)
         except BaseException:
             manifest.commit -= 1
             raise
+        if self.store.is_local:  # a crash before this leaves a head that no longer matches: it is ignored
+            self.store.write_bytes(HEAD_NAME, head_bytes(manifest, base))
         manifest.journal_lines = 0
         manifest.history_written = len(manifest.history)
         # the base holds every change the journal had (lines numbered up to its commit are skipped)

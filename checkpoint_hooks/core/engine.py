@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,7 +26,7 @@ from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import MonitorError, SaveError
 from checkpoint_hooks.core.hashing import checksum_file
 from checkpoint_hooks.core.lock import DirectoryLock
-from checkpoint_hooks.core.manifest import Manifest, sidecar_bytes, sidecar_name
+from checkpoint_hooks.core.manifest import Head, Manifest, sidecar_bytes, sidecar_name
 from checkpoint_hooks.core.naming import format_name, unique_name
 from checkpoint_hooks.core.records import BEST, LAST, MILESTONE, PREEMPTED, SNAPSHOT, FileEntry, Record
 from checkpoint_hooks.core.store import Store, open_store
@@ -99,7 +99,7 @@ class Engine:
     is_writer: bool = True
     store: Store | None = None
     directory: CheckpointDirectory = field(init=False)
-    manifest: Manifest = field(init=False, default_factory=Manifest)
+    _manifest: Manifest = field(init=False, default_factory=Manifest)
     run: str = field(init=False, default="")
     resumed_from: Record | None = field(init=False, default=None)
     _lock: DirectoryLock | None = field(init=False, default=None)
@@ -113,6 +113,10 @@ class Engine:
     _inflight: Future[list[Record]] | None = field(init=False, default=None)
     _index_exists: bool = field(init=False, default=False)
     _retained_in_full: bool = field(init=False, default=False)  # see _retention_candidates
+    # Fit start from the head: the full index is parsed when first needed (the first save, at the latest at close).
+    _head: Head | None = field(init=False, default=None)
+    _clean_pending: bool = field(init=False, default=False)
+    _adopt_pending: Record | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.format not in self.extensions:
@@ -126,6 +130,17 @@ class Engine:
         self.directory = CheckpointDirectory(self.store)
 
     # -- properties -------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        """The directory's index (waits for it when fit start read only the head)."""
+        if self._head is not None:
+            self._finish_open()
+        return self._manifest
+
+    @manifest.setter
+    def manifest(self, manifest: Manifest) -> None:
+        self._manifest = manifest
 
     @property
     def format(self) -> str:
@@ -227,6 +242,13 @@ class Engine:
         self._lock = DirectoryLock(self.store)
         self._lock.acquire()
         try:
+            head = self.directory.read_head() if self.policy.resume == "auto" else None
+            if head is not None:
+                # Where to resume is in the head; the index a long run has grown is parsed (and the
+                # directory cleaned) when first needed, after the framework has loaded the checkpoint.
+                self._head, self._index_exists = head, True
+                self._clean_pending = self._lock.unclean or head.journal_lines > 0
+                return
             manifest = self.directory.read_manifest()
             self._index_exists = manifest is not None
             self.manifest = manifest if manifest is not None else self.directory.load()
@@ -236,6 +258,18 @@ class Engine:
         except BaseException:
             self.close()
             raise
+
+    def _finish_open(self) -> None:
+        """Take the parsed index, then do what fit start left for it: clean, and settle the resume."""
+        assert self._head is not None
+        self._manifest = self.directory.parse(self._head)  # an unreadable index raises here, at every use
+        self._head = None
+        if self._clean_pending:
+            self._clean_pending = False
+            self.directory.clean_uncommitted(self._manifest)
+        record, self._adopt_pending = self._adopt_pending, None
+        if record is not None:
+            self._settle(record, discard_newer=True)
 
     @property
     def run_decided(self) -> bool:
@@ -259,16 +293,25 @@ class Engine:
     def _commit_if_changed(self) -> None:
         """Write the index at fit start only when it has to change (a long run's index is large)."""
         policy = self.policy.to_dict()
-        if self._index_exists and not self.manifest.journal_lines and self.manifest.policy == policy:
-            return
+        if self._index_exists and self.manifest.policy == policy:
+            return  # a journal left by a crash stays: it is folded in at close
         self.manifest.policy = policy
         self.directory.commit(self.manifest)
         self._index_exists = True
 
-    def resume_candidates(self) -> list[Record]:
-        """Resumable records, newest first."""
-        found = [r for r in self.manifest.records if r.format in self.resumable_formats]
-        return sorted(found, key=lambda r: -r.seq)
+    def resume_candidates(self) -> Iterator[Record]:
+        """Resumable records, newest first: from the head while the index loads, the index when needed."""
+        given: set[str] = set()
+        head = self._head
+        if head is not None:
+            for record in head.records:
+                if record.format in self.resumable_formats:
+                    given.add(record.name)
+                    yield record
+            if not head.more & self.resumable_formats:
+                return  # the head listed every resumable record
+        found = [r for r in self.manifest.records if r.format in self.resumable_formats and r.name not in given]
+        yield from sorted(found, key=lambda r: -r.seq)
 
     def find_resume(self) -> Record | None:
         """The newest resumable record whose files verify; corrupt ones are skipped with a warning."""
@@ -292,6 +335,21 @@ class Engine:
         for the second (`discard_newer=False`) the run forks and nothing is deleted.
         """
         self.resumed_from = record
+        if discard_newer and self._head is not None:
+            self.run = record.run  # the rest waits for the index (see _finish_open)
+            self._adopt_pending = record
+        else:
+            self._settle(record, discard_newer)
+        log.log(
+            self.level,
+            "resuming from %s (epoch %d, step %d)",
+            self.path_of(record),
+            record.epoch + self.epoch_base,
+            record.step,
+        )
+
+    def _settle(self, record: Record, discard_newer: bool) -> None:
+        """The part of `adopt` that needs the whole index: newer records, and the index's policy."""
         # the tags were given by this policy (not another one, not a rebuild from sidecars)
         self._retained_in_full = self.manifest.policy == self.policy.to_dict()
         newer = [r for r in self.manifest.run_records(record.run) if r.seq > record.seq]
@@ -334,13 +392,6 @@ class Engine:
             self._commit_if_changed()
         for r in newer:
             self.directory.remove_record_files(r)
-        log.log(
-            self.level,
-            "resuming from %s (epoch %d, step %d)",
-            self.path_of(record),
-            record.epoch + self.epoch_base,
-            record.step,
-        )
 
     def find_record(self, path: str) -> Record | None:
         """The committed record a user-given path points to, if it is one of ours."""
@@ -535,9 +586,6 @@ class Engine:
 
     def _submit(self, plan: Plan, write: Writer, cleanup: Callable[[], Any] | None = None) -> None:
         """Run `_save_now` in the single worker thread; `cleanup` runs after it, whatever happens."""
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
-
         def run() -> list[Record]:
             try:
                 return self._save_now(plan, write)
@@ -545,7 +593,13 @@ class Engine:
                 if cleanup is not None:
                     cleanup()
 
-        self._inflight = self._worker.submit(run)
+        self._inflight = self._executor().submit(run)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The one worker thread of the background saves."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
+        return self._worker
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any, and raise its error."""
@@ -758,11 +812,13 @@ class Engine:
             self._release()
 
     def _compact(self) -> None:
-        """Fold the journal into manifest.json, so a finished run leaves one index file."""
-        if self._lock is None or not self.manifest.journal_lines:
+        """Finish what fit start left for the index, then fold the journal into manifest.json."""
+        if self._lock is None:
             return
         try:
-            self.directory.commit(self.manifest)
+            manifest = self.manifest  # a run that ended before its first save still cleans up
+            if manifest.journal_lines:
+                self.directory.commit(manifest)
         except Exception as exc:  # the journal is as valid as the base: nothing is lost
             log.debug("could not fold the journal of %s into its manifest: %s", self.directory.url, exc)
 

@@ -28,6 +28,8 @@ from checkpoint_hooks.core.records import Record, decode_float, encode_float
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "manifest.journal"
+HEAD_NAME = "manifest.head"
+HEAD_NEWEST = 3  # records of each format the head lists, newest first
 SIDECAR_SUFFIX = ".meta.json"
 VERSION = 1
 COMPACT_EVERY = 500
@@ -112,7 +114,7 @@ class Manifest:
         return sorted(self._tagged.get((run, tag), {}).values(), key=lambda r: r.seq)
 
     def referenced_paths(self) -> set[str]:
-        paths = {MANIFEST_NAME, JOURNAL_NAME}
+        paths = {MANIFEST_NAME, JOURNAL_NAME, HEAD_NAME}
         for record in self._by_name.values():
             paths.add(sidecar_name(record.name))
             paths.update(f.path for f in record.files)
@@ -215,6 +217,69 @@ class Manifest:
             self.policy = dict(change["policy"])
         self.commit = int(change["commit"])
         self.journal_lines += 1
+
+
+def head_bytes(manifest: Manifest, base: bytes) -> bytes:
+    """The head written beside a base: the newest records of each format, and the checksum of that base.
+
+    Finding where to resume then reads this small file, the journal and the base's bytes
+    (to check they are the ones the head describes), without parsing a long run's index.
+    """
+    by_format: dict[str, list[Record]] = {}
+    for record in manifest.records:
+        by_format.setdefault(record.format, []).append(record)
+    newest: list[Record] = []
+    more: list[str] = []
+    for fmt, records in by_format.items():
+        records.sort(key=lambda r: -r.seq)
+        newest.extend(records[:HEAD_NEWEST])
+        if len(records) > HEAD_NEWEST:
+            more.append(fmt)
+    data = {
+        "format": "checkpoint_hooks.head",
+        "version": VERSION,
+        "base": xxhash.xxh3_64_hexdigest(base),
+        "commit": manifest.commit,
+        "policy": manifest.policy,
+        "newest": [r.to_json() for r in sorted(newest, key=lambda r: -r.seq)],
+        "more": sorted(more),
+    }
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class Head:
+    """What the head and the journal say about the newest records, checked against the base's bytes.
+
+    `records` are newest first; a format in `more` has older records that only the full index lists.
+    `base` and `journal` are the bytes read, for parsing the full index without reading them again.
+    """
+
+    def __init__(self, raw: bytes, base: bytes, journal: bytes | None) -> None:
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict) or data.get("format") != "checkpoint_hooks.head":
+            raise ValueError("not a checkpoint_hooks head")
+        if int(data.get("version", 0)) > VERSION or data.get("base") != xxhash.xxh3_64_hexdigest(base):
+            raise ValueError("the head describes another base")
+        self.base, self.journal = base, journal
+        self.policy: dict[str, Any] = dict(data.get("policy") or {})
+        self.more = frozenset(data.get("more") or ())
+        self.journal_lines = 0
+        found = {r.name: r for r in (Record.from_json(r) for r in data.get("newest") or ())}
+        for change in read_journal(journal) if journal else []:
+            if change["commit"] <= int(data.get("commit") or 0):
+                continue
+            self.journal_lines += 1
+            for name in change.get("drop") or ():
+                found.pop(name, None)
+            for name, tags in (change.get("tags") or {}).items():
+                if name in found:
+                    found[name] = found[name].with_tags(frozenset(tags))
+            for added in change.get("add") or ():
+                record = Record.from_json(added)
+                found[record.name] = record
+            if "policy" in change:
+                self.policy = dict(change["policy"])
+        self.records = sorted(found.values(), key=lambda r: -r.seq)
 
 
 def journal_line(change: dict[str, Any]) -> bytes:

@@ -96,8 +96,10 @@ def test_staging_leftovers_of_a_killed_save_are_cleaned(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     engine = Engine(policy, extensions=EXT)
     assert engine.start().epoch == 0
+    engine.save(1, 1, {}, writer)  # cleaned before the first save
     assert sorted(os.listdir(tmp_path)) == [
-        ".checkpoint_hooks.lock", "epoch=000-step=0.ckpt", "epoch=000-step=0.meta.json", "manifest.json", "notes.txt",
+        ".checkpoint_hooks.lock", "epoch=001-step=1.ckpt", "epoch=001-step=1.meta.json",
+        "manifest.head", "manifest.journal", "manifest.json", "notes.txt",
     ]
     engine.close()
 
