@@ -7,20 +7,29 @@ Variants, interleaved round by round in a shuffled order (os.sync(), the removal
 files and a short pause after each, untimed, so no variant pays for another one's dirty pages):
 
 * torch_save_weights / torch_save_training_state: `torch.save(obj, path)` into a fresh folder.
-* engine_weights / engine_training_state: `Engine.save(...)` whose writer calls the same
-  `torch.save` (what the Lightning adapter does for `weights`; its `training_state` writer is
-  `trainer.save_checkpoint`, i.e. torch.save of Lightning's checkpoint dict, modelled here by a
-  dict with model + Adam-like optimizer tensors). With checksums (verify=True): write, xxh3-128
-  over the written file, fsync, rename, sidecar, manifest commit.
+* engine_weights / engine_training_state: `Engine.save(...)` whose writer is the Lightning
+  adapter's `save_torch` (what it does for `weights`, and for `training_state` with Lightning's
+  default checkpoint IO, whose dict is modelled here by model + Adam-like optimizer tensors):
+  torch.save into a `DurableFile`, which hashes the bytes (xxh3-128) on a second thread as they
+  are written and starts their writeback every 32 MiB, with torch's own zip CRC32 off (our
+  checksum covers the file). With checksums (verify=True): write, fsync, rename, sidecar,
+  manifest commit.
+* engine_plain_weights: the engine with a writer that calls `torch.save(obj, path)` itself, as
+  an arbitrary writer would: the writeback of the growing file starts while it is written, then
+  the file is hashed by reading it back while an fsync runs beside.
+* torch_save_null_crc / torch_save_null_nocrc: torch.save of the weights into a file object that
+  discards the bytes, with and without torch's CRC32: what that CRC costs, without the disk.
 * torch_save_fsync_*: the same torch.save followed by an fsync of the file: a durable torch.save,
   for reference (not the target's baseline).
 * raw_write / raw_write_fsync: the tensors' bytes written sequentially with large writes, without
   and with a final fsync: the page-cache limit and the physical limit of this disk.
 
 Target: engine / torch.save <= 1.10 (median of each variant). The engine's time is broken down
-into write, hash, fsync, rename, manifest and other, measured by wrapping the functions the engine
-calls (its writer, `checksum_file`, `_fsync_path` on files, `LocalStore.publish`,
-`CheckpointDirectory.commit` / `commit_change`); each part is exclusive of the parts inside it.
+into write, hash, fsync_wait, fsync, rename, manifest and other, measured by wrapping the functions
+the engine calls (its writer, `checksum_file` (a lookup when a DurableFile wrote the file, a
+read-back otherwise), `durable.syncing` (the wait for the fsync that runs beside the hash, once the
+hash is done), `_fsync_path` on files, `LocalStore.publish`, `CheckpointDirectory.commit` /
+`commit_change`); each part is exclusive of the parts inside it.
 """
 
 from __future__ import annotations
@@ -39,8 +48,10 @@ import torch
 
 import checkpoint_hooks.core.engine as engine_module
 import checkpoint_hooks.core.store as store_module
+from checkpoint_hooks.core import durable as durable_module
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.engine import Engine, SaveItem
+from checkpoint_hooks.lightning import save_torch
 from checkpoint_hooks.policy import CheckpointPolicy
 
 EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt"}
@@ -133,6 +144,14 @@ class Parts:
 
 def instrument(parts: Parts) -> None:
     engine_module.checksum_file = parts.wrap("hash", engine_module.checksum_file)  # type: ignore[assignment]
+    original_syncing = durable_module.syncing
+
+    @contextmanager
+    def syncing(path: str) -> Iterator[None]:
+        with parts.part("fsync_wait"), original_syncing(path):
+            yield
+
+    durable_module.syncing = syncing  # type: ignore[assignment]
     original_fsync = store_module._fsync_path
 
     def fsync_path(path: str, directory: bool = False) -> None:
@@ -151,6 +170,13 @@ def instrument(parts: Parts) -> None:
 
 
 # -- variants ---------------------------------------------------------------------------------
+
+
+PARTS = ("write", "hash", "fsync_wait", "fsync", "rename", "manifest", "other")
+
+
+def median_parts(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: round(common.median([b.get(name, 0.0) for b in runs]), 6) for name in PARTS}
 
 
 def file_size(folder: str) -> int:
@@ -173,7 +199,7 @@ def main() -> None:
     objects = {"weights": weights_state(size), "training_state": training_state(size)}
     parts = Parts()
     instrument(parts)
-    breakdowns: dict[str, list[dict[str, float]]] = {"weights": [], "training_state": []}
+    breakdowns: dict[str, list[dict[str, float]]] = {"weights": [], "training_state": [], "plain_weights": []}
     sizes: dict[str, int] = {}
 
     with common.workdir(args, "save") as root:
@@ -198,7 +224,7 @@ def main() -> None:
 
             return run
 
-        def engine_save(kind: str) -> Callable[[], float]:
+        def engine_save(kind: str, plain: bool = False) -> Callable[[], float]:
             def run() -> float:
                 folder = target()
                 policy = CheckpointPolicy(dirpath=folder, top_k=1, last=False, format=kind, verify=True)
@@ -207,18 +233,42 @@ def main() -> None:
 
                 def write(item: SaveItem, path: str) -> None:
                     with parts.part("write"):
-                        torch.save(objects[item.format], path)
+                        if plain:
+                            torch.save(objects[item.format], path)
+                        else:
+                            save_torch(objects[item.format], path, checksum=True)
 
                 parts.take()
                 started = time.perf_counter()
                 records = engine.save(0, 1000, {}, write)
                 elapsed = time.perf_counter() - started
-                engine.close()
                 measured = parts.take()
+                engine.close()
+                parts.take()  # close() folds the manifest journal: not part of the save
                 measured["other"] = elapsed - sum(measured.values())
-                breakdowns[kind].append(measured)
-                sizes[f"engine_{kind}"] = records[0].bytes
+                breakdowns[("plain_" if plain else "") + kind].append(measured)
+                sizes[f"engine_{'plain_' if plain else ''}{kind}"] = records[0].bytes
                 return elapsed
+
+            return run
+
+        class Discard:
+            def write(self, data: Any) -> int:
+                return memoryview(data).nbytes
+
+            def flush(self) -> None:
+                pass
+
+        def null_save(crc: bool) -> Callable[[], float]:
+            def run() -> float:
+                before = torch.serialization.get_crc32_options()
+                torch.serialization.set_crc32_options(crc)
+                try:
+                    started = time.perf_counter()
+                    torch.save(objects["weights"], Discard())
+                    return time.perf_counter() - started
+                finally:
+                    torch.serialization.set_crc32_options(before)
 
             return run
 
@@ -253,6 +303,9 @@ def main() -> None:
             "torch_save_fsync_weights": torch_save("weights", fsync=True),
             "torch_save_fsync_training_state": torch_save("training_state", fsync=True),
             "engine_training_state": engine_save("training_state"),
+            "engine_plain_weights": engine_save("weights", plain=True),
+            "torch_save_null_crc": null_save(crc=True),
+            "torch_save_null_nocrc": null_save(crc=False),
             "raw_write": raw(fsync=False),
             "raw_write_fsync": raw(fsync=True),
         }
@@ -266,10 +319,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for kind in ("weights", "training_state"):
         ours, base = times[f"engine_{kind}"], times[f"torch_save_{kind}"]
-        parts_median = {
-            name: round(common.median([b.get(name, 0.0) for b in breakdowns[kind]]), 6)
-            for name in ("write", "hash", "fsync", "rename", "manifest", "other")
-        }
+        parts_median = median_parts(breakdowns[kind])
         results[kind] = {
             "state_bytes": state_bytes(objects[kind]),
             "file_bytes": sizes[f"engine_{kind}"],
@@ -291,6 +341,24 @@ def main() -> None:
             "engine_over_raw_write_fsync": common.ratio(ours, times["raw_write_fsync"]),
             "engine_breakdown_median_s": parts_median,
         }
+    plain = times["engine_plain_weights"]
+    results["plain_writer_weights"] = {
+        "engine": common.summary(plain),
+        "ratio_engine_over_torch_save": common.ratio(plain, times["torch_save_weights"]),
+        "paired_ratio": common.paired_ratio(plain, times["torch_save_weights"]),
+        "ratio_over_engine_weights": common.ratio(plain, times["engine_weights"]),
+        "engine_breakdown_median_s": median_parts(breakdowns["plain_weights"]),
+    }
+    results["torch_crc32_cost"] = {
+        "torch_save_to_null_with_crc32": common.summary(times["torch_save_null_crc"]),
+        "torch_save_to_null_without_crc32": common.summary(times["torch_save_null_nocrc"]),
+        "crc32_s_per_GiB": round(
+            (common.median(times["torch_save_null_crc"]) - common.median(times["torch_save_null_nocrc"]))
+            * common.GiB
+            / state_bytes(objects["weights"]),
+            4,
+        ),
+    }
     results["raw_write"] = common.summary(times["raw_write"])
     results["raw_write_fsync"] = common.summary(times["raw_write_fsync"])
     common.emit(

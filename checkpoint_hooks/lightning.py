@@ -16,17 +16,22 @@ import logging
 import os
 import random
 import re
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 
-from checkpoint_hooks.core.directory import CheckpointDirectory
+from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
+from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError, MonitorError
+from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.store import is_url
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
@@ -93,8 +98,78 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _torch_save(item: SaveItem, state: Any, path: str) -> None:
-    torch.save(state, path)
+_crc32_lock = threading.Lock()
+_crc32_users = 0
+_crc32_before = True
+
+
+@contextmanager
+def _without_torch_crc32() -> Iterator[None]:
+    """torch.save skips the CRC32 of its zip records while the block runs.
+
+    That CRC costs 0.3-0.6 s per GiB here (benchmarks/save_throughput.py), while our xxh3 checksum
+    of the file covers the same bytes, and torch.load does not check it. torch.load, Lightning's
+    restore and fit(ckpt_path=...) load such files (tests/lightning/test_resume_overlap.py); zip
+    tools report the records' CRC as wrong. The option is process-wide: a torch.save on another
+    thread meanwhile skips it too.
+    """
+    global _crc32_users, _crc32_before
+    getter = getattr(torch.serialization, "get_crc32_options", None)
+    setter = getattr(torch.serialization, "set_crc32_options", None)
+    if getter is None or setter is None:  # torch < 2.4 always computes it
+        yield
+        return
+    with _crc32_lock:
+        if _crc32_users == 0:
+            _crc32_before = getter()
+            setter(False)
+        _crc32_users += 1
+    try:
+        yield
+    finally:
+        with _crc32_lock:
+            _crc32_users -= 1
+            if _crc32_users == 0:
+                setter(_crc32_before)
+
+
+def save_torch(obj: Any, path: str, checksum: bool = True) -> None:
+    """`torch.save(obj, path)` through a DurableFile: hashed as it is written, its writeback started early.
+
+    Args:
+        obj: what to save.
+        path: the file to write.
+        checksum: whether the engine checksums the file (the policy's `verify`); then torch's own
+            zip CRC32 is skipped, as the checksum covers every byte of the file.
+    """
+    with _without_torch_crc32() if checksum else nullcontext(), DurableFile(path) as f:
+        torch.save(obj, cast(IO[bytes], f))  # a binary file object, as torch.save asks
+
+
+def _own_method(obj: Any, method: str, base: str, module_suffix: str) -> bool:
+    """Whether `obj.method` is the one Lightning's class `base` defines (no subclass or instance overrides it)."""
+    if method in vars(obj):
+        return False
+    for cls in type(obj).__mro__:
+        if cls.__name__ == base and cls.__module__.endswith(module_suffix):
+            return getattr(type(obj), method, None) is cls.__dict__.get(method)
+    return False
+
+
+def _saves_with_torch_save(trainer: Any) -> bool:
+    """Whether `trainer.save_checkpoint(path)` comes down to torch.save of the checkpoint dict on rank zero.
+
+    True for the default checkpoint IO with the strategies that do not override saving (single
+    device, DDP); FSDP, DeepSpeed, a custom or asynchronous CheckpointIO keep Lightning's own path.
+    """
+    strategy = trainer.strategy
+    io = type(strategy.checkpoint_io)
+    return (
+        _own_method(trainer, "save_checkpoint", "Trainer", ".trainer.trainer")
+        and _own_method(strategy, "save_checkpoint", "Strategy", ".strategies.strategy")
+        and io.__name__ == "TorchCheckpointIO"
+        and io.__module__.endswith(".plugins.io.torch_io")
+    )
 
 
 class _SnapshotBuffers:
@@ -209,6 +284,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         self._missing_warned = False
         self._model_warned = False
         self._buffers = _SnapshotBuffers()
+        self._restoring = False
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> BestCheckpoint:
@@ -245,13 +321,13 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         if engine is None:
             return
         if trainer.ckpt_path is None:
-            path = self._choose_resume(engine) if trainer.is_global_zero else None
-            path = trainer.strategy.broadcast(path)
-            if path:
-                # Lightning resolves ckpt_path before any callback runs; this is the one place a
-                # callback can still hand it a checkpoint: the Trainer restores loops, optimizers and
-                # schedulers from it right after on_fit_start.
-                trainer._checkpoint_connector._restore_modules_and_callbacks(path)
+            if self.policy.resume == "auto":
+                self._resume_newest(trainer, engine)
+            else:
+                path = self._choose_resume(engine) if trainer.is_global_zero else None
+                path = trainer.strategy.broadcast(path)
+                if path:
+                    self._restore(trainer, path, chosen=False)
         if not engine.run_decided:
             engine.start_fresh()  # the user's own ckpt_path, or one not in this directory
         if self._pending_rng:
@@ -261,16 +337,77 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._pending_rng = None
         self._sync(trainer)
 
+    def _restore(self, trainer: Any, path: str, chosen: bool) -> None:
+        """Load a checkpoint into the model and the callbacks (and, right after on_fit_start, the loops).
+
+        Lightning resolves ckpt_path before any callback runs; on_fit_start is the one place a
+        callback can still hand it a checkpoint: the Trainer restores loops, optimizers and
+        schedulers from it right after on_fit_start. A checkpoint `chosen` by automatic resume is
+        adopted once it verifies, not by load_state_dict while it loads.
+        """
+        self._restoring = chosen
+        try:
+            trainer._checkpoint_connector._restore_modules_and_callbacks(path)
+        finally:
+            self._restoring = False
+
+    def _resume_newest(self, trainer: Any, engine: Engine) -> None:
+        """Restore the newest resumable checkpoint, verifying its checksum while Lightning loads it.
+
+        Verifying first and loading after reads the file twice in a row; in parallel the two readers share
+        the page cache (and a single read from disk when it is cold). If the checksum fails (whether the load raised or not), the previous
+        checkpoint is restored instead: a full restore sets the model, optimizers, schedulers, loops and
+        callbacks again, so nothing of the bad one remains. A load error of a checkpoint that verifies is
+        raised. Under several processes rank zero verifies and tells the others to go on or to load the next.
+        """
+        candidates = iter(engine.resume_candidates() if trainer.is_global_zero else [])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-verify") as verifier:
+            while True:
+                record = next(candidates, None)
+                path, check = None, None
+                if record is not None:
+                    try:
+                        path = engine.local_path(record)  # a download from a remote store
+                        check = verifier.submit(engine.problems, record)
+                    except OSError:
+                        problems = engine.problems(record)
+                        if not problems:
+                            raise
+                        self._skip(engine, record, problems)
+                        continue
+                path = trainer.strategy.broadcast(path)
+                if not path:
+                    return
+                error: Exception | None = None
+                try:
+                    self._restore(trainer, path, chosen=True)
+                except Exception as exc:
+                    error = exc
+                problems = check.result() if check is not None else []
+                if trainer.strategy.broadcast(not problems):
+                    if error is not None:
+                        raise error
+                    if record is not None:
+                        engine.adopt(record)
+                    return
+                if record is not None:
+                    self._skip(engine, record, problems)
+                # the next load replaces everything; drop the bad one's tensors before it
+                trainer._checkpoint_connector._loaded_checkpoint = {}
+
+    @staticmethod
+    def _skip(engine: Engine, record: Record, problems: list[Problem]) -> None:
+        log.warning(
+            "skipping checkpoint %s for resume: %s; trying the previous one",
+            engine.path_of(record),
+            "; ".join(str(p) for p in problems),
+        )
+
     def _choose_resume(self, engine: Engine) -> str | None:
+        """The checkpoint `resume` names (a path), or None for `resume="never"`."""
         resume = self.policy.resume
         if resume == "never":
             return None
-        if resume == "auto":
-            record = engine.find_resume()
-            if record is None:
-                return None
-            engine.adopt(record)
-            return engine.local_path(record)
         record = engine.find_record(resume)
         if record is not None:
             engine.adopt(record, discard_newer=False)
@@ -350,16 +487,21 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                 log.warning("%s; skipping top-k until it appears", exc)
 
     def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any, background: bool = True) -> None:
+        checksum = self.policy.verify
         if background and self.policy.async_save and all(item.format != "model" for item in plan.items):
-            engine.execute_async(plan, lambda item: self._snapshot(item, trainer, pl_module), _torch_save)
+            engine.execute_async(
+                plan,
+                lambda item: self._snapshot(item, trainer, pl_module),
+                lambda item, state, path: save_torch(state, path, checksum),
+            )
             return
 
         def write(item: SaveItem, path: str) -> None:
             if item.format == TRAINING_STATE:
-                trainer.save_checkpoint(path)  # every rank: the strategy gathers state, rank zero writes
+                self._save_checkpoint(trainer, path)  # every rank: the strategy gathers state, rank zero writes
             elif trainer.is_global_zero:
                 if item.format == "weights":
-                    torch.save(pl_module.state_dict(), path)
+                    save_torch(pl_module.state_dict(), path, checksum)
                 else:
                     if not self._model_warned:
                         self._model_warned = True
@@ -368,9 +510,24 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                             "same module path, and torch.load(..., weights_only=False)",
                             type(pl_module).__name__,
                         )
-                    torch.save(pl_module, path)
+                    save_torch(pl_module, path, checksum)
 
         engine.execute(plan, write)
+
+    def _save_checkpoint(self, trainer: Any, path: str) -> None:
+        """What `trainer.save_checkpoint(path)` does, with the file written through `save_torch` when it may.
+
+        Lightning's default IO pickles the whole checkpoint into memory first and copies it to the file
+        through a temporary one; torch.save into a DurableFile writes it once, hashed on the way.
+        """
+        if not _saves_with_torch_save(trainer):
+            trainer.save_checkpoint(path)
+            return
+        with trainer.profiler.profile("save_checkpoint"):
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+            if trainer.is_global_zero:  # as Strategy.save_checkpoint: rank zero writes
+                save_torch(checkpoint, path, self.policy.verify)
+            trainer.strategy.barrier("Trainer.save_checkpoint")
 
     def _snapshot(self, item: SaveItem, trainer: Any, pl_module: Any) -> Any:
         """What `write` would save, copied into host memory the background save owns (async_save)."""
@@ -432,7 +589,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._engine is not None:
+        if self._engine is not None and not self._restoring:
             self._engine.load_state_dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from checkpoint_hooks.core import retention
+from checkpoint_hooks.core import durable, retention
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import MonitorError, SaveError
 from checkpoint_hooks.core.hashing import checksum_file
@@ -657,14 +657,19 @@ class Engine:
     def _write(self, plan: Plan, write: Writer) -> list[Record]:
         assert self.store is not None
         records = []
-        with self.store.staging() as stage:
+        local = self.store.is_local  # a remote store's staging is a temporary copy: no need to hurry it to disk
+        with self.store.staging() as stage, contextlib.ExitStack() as cleanup:
+            # checksums a DurableFile computed for files of this save that were never taken
+            cleanup.callback(durable.forget, stage)
             staged: list[tuple[str, list[str]]] = []
             for index, item in enumerate(plan.items):
                 folder = os.path.join(stage, str(index))
                 os.mkdir(folder)
                 self._writing = item
                 try:
-                    write(item, os.path.join(folder, item.filename))
+                    # the disk starts writing what the writer writes before the fsync asks for it
+                    with durable.writeback_during(folder) if local else contextlib.nullcontext():
+                        write(item, os.path.join(folder, item.filename))
                 finally:
                     self._writing = None
                 files = _files_below(folder)
@@ -676,7 +681,10 @@ class Engine:
                 for rel in files:
                     path = os.path.join(folder, *rel.split("/"))
                     if self.policy.verify:
-                        checksum, size = checksum_file(path)
+                        # Known already when a DurableFile wrote it, else read back; a large file is
+                        # fsynced meanwhile, which leaves publish's fsync nothing to wait for.
+                        with durable.syncing(path) if local else contextlib.nullcontext():
+                            checksum, size = checksum_file(path)
                     else:
                         checksum, size = None, os.path.getsize(path)
                     entries.append(FileEntry(rel, size, checksum))
