@@ -9,6 +9,8 @@ per epoch, evaluation every epoch, a checkpoint that is saved every epoch:
 * none:   model.fit(..., save_dir=None)
 * native: model.fit(..., save_dir=<dir>, save_freq=1)   (hapi's ModelCheckpoint: <epoch>.pdparams/.pdopt, final)
 * ours:   model.fit(..., callbacks=[BestCheckpoint(monitor="val_loss", top_k=3, snapshots=5, last=True)])
+* ours_async: the same with async_save=True (the files are written at the epoch end; hashing, fsync,
+  commit and pruning run in the background)
 
 Each fit gets a fresh folder; the variants are interleaved fit by fit (a shuffled order each round) and os.sync() runs untimed
 between fits. hapi prints a line per native save: stdout is silenced during fits so that it
@@ -85,7 +87,7 @@ def main() -> None:
     logging.getLogger("checkpoint_hooks").setLevel(logging.ERROR)
     paddle.set_device("cpu")
     train, val = datasets()
-    callback_time: dict[str, list[float]] = {"native": [], "ours": []}
+    callback_time: dict[str, list[float]] = {"native": [], "ours": [], "ours_async": []}
     files: dict[str, list[str]] = {}
     current = [common.HookTimer()]
     # BestCheckpoint overrides every one of these, so this times hapi's own callback only.
@@ -101,8 +103,11 @@ def main() -> None:
             save_dir = None
             if variant == "native":
                 save_dir = folder
-            elif variant == "ours":
-                cb = BestCheckpoint(monitor="val_loss", dirpath=folder, top_k=3, snapshots=5, last=True)
+            elif variant in ("ours", "ours_async"):
+                cb = BestCheckpoint(
+                    monitor="val_loss", dirpath=folder, top_k=3, snapshots=5, last=True,
+                    async_save=variant == "ours_async",
+                )
                 callbacks.append(timer.attach(cb, common.hook_names(cb)))
             model = make_model()
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
@@ -125,11 +130,11 @@ def main() -> None:
             return elapsed
 
         common.note("warm-up fits (first-call costs; not counted) ...")
-        for variant in ("none", "ours", "native"):
+        for variant in ("none", "ours", "native", "ours_async"):
             fit(variant)
         for values in callback_time.values():
             values.clear()
-        variants = {name: (lambda name=name: fit(name)) for name in ("none", "native", "ours")}
+        variants = {name: (lambda name=name: fit(name)) for name in ("none", "native", "ours", "ours_async")}
         common.note(f"{repetitions} fits of {epochs} epochs per variant, alternated ...")
         times = common.alternate(variants, repetitions, between=os.sync)
 

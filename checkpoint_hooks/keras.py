@@ -31,6 +31,17 @@ callback, in validation): those end fit() without a save, and the next fit()
 resumes from the last save before them. Under several processes
 (multi-worker tf.distribute, multi-process JAX) only SIGTERM saves; each process
 acts on its own signal and only the chief writes.
+
+A resumable `.keras` file carries the epoch, the step and the RNG seed states
+inside it, as one more member of its zip archive (`checkpoint_hooks.json`), which
+`keras.saving.load_model` and `load_weights` pass over: every file beside it
+would cost a hash and an fsync at each save.
+
+`async_save=True`: the files are written on the training thread at the epoch end,
+as without it; hashing them, the fsyncs, the commit and pruning run in a
+background thread while the next epoch trains. The next save and the end of
+fit() wait for it, and its error surfaces there. Saves on preemption, and saves
+of a new best model with `export_best`, are synchronous.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import signal
 import sys
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -75,7 +87,8 @@ __all__ = ["BestCheckpoint"]
 WEIGHTS_EXT = ".weights.h5"
 KERAS_EXT = ".keras"
 LEGACY_EXT = ".h5"
-STATE_SUFFIX = ".state.json"  # written next to every resumable file: epoch, step, RNG seed states
+STATE_MEMBER = "checkpoint_hooks.json"  # in the zip of every resumable .keras: epoch, step, RNG seed states
+STATE_SUFFIX = ".state.json"  # where version 1 wrote that state, beside the file (still read)
 EXPORT_DIRNAME = "best_export"
 EXPORT_INFO = "checkpoint_hooks.json"
 _STATE_FORMAT = "checkpoint_hooks.keras"
@@ -160,6 +173,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             last save.
         save_on_preemption: on SIGTERM, or an exception escaping a training step, save a training
             state tagged `preempted` before the process ends (default True).
+        async_save: write the files at the epoch end and leave their hashing, fsync, the commit and
+            pruning to a background thread while training goes on (default False).
         export_best: also export the best model as a TensorFlow SavedModel in
             `<dirpath>/best_export/` (for serving; `keras.layers.TFSMLayer` loads it).
     """
@@ -189,6 +204,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         every_n_steps: int | None = None,
         every_n_minutes: float | None = None,
         save_on_preemption: bool | None = None,
+        async_save: bool | None = None,
         export_best: bool = False,
     ) -> None:
         policy_fields = {
@@ -207,6 +223,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             "every_n_steps": every_n_steps,
             "every_n_minutes": every_n_minutes,
             "save_on_preemption": save_on_preemption,
+            "async_save": async_save,
         }
         self._policy_mode = (
             filepath is None or policy is not None or export_best or any(v is not None for v in policy_fields.values())
@@ -318,8 +335,6 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 "export_best writes a SavedModel directory and needs a local dirpath; export from a local "
                 f"directory and copy it. Received: dirpath={policy_obj.dirpath!r}"
             )
-        if policy_obj.async_save:
-            log.warning("async_save is not available for Keras yet; checkpoints are saved synchronously")
         self._policy = policy_obj
         if filepath is None:
             self.filepath = None
@@ -426,7 +441,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             return
         self._end_stale_sessions()
         self._reset_initial_epoch()
-        self._close()
+        self._close()  # an earlier fit() that raised: its background save's error is logged
         assert self._policy is not None
         engine = Engine(
             self._policy,
@@ -610,14 +625,23 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         optimizer = getattr(self.model, "optimizer", None)
         return _to_int(optimizer.iterations) if optimizer is not None else 0
 
-    def _save_training_state(self, *, mid_epoch: bool, preempted: bool) -> list[Record]:
-        """A training state outside the epoch-end rules; it becomes the rolling last (the resume point)."""
+    def _save_training_state(self, *, mid_epoch: bool, preempted: bool) -> None:
+        """A training state outside the epoch-end rules; it becomes the rolling last (the resume point).
+
+        A save on preemption is synchronous (on disk before the process ends), and a background
+        save that failed before it is logged rather than keeping it from being made.
+        """
         engine = self._engine
         assert engine is not None
+        if preempted:
+            try:
+                engine.wait()
+            except Exception as exc:
+                log.error("%s", exc)
         step = self._step()
         plan = engine.plan_training_state(self._epoch, step, self._last_logs, mid_epoch=mid_epoch, preempted=preempted)
         self._saving = (self._epoch, step)
-        return engine.execute(plan, self._write)
+        engine.execute(plan, self._write, background=engine.policy.async_save and not preempted)
 
     def _stop_for_preemption(self, *, mid_epoch: bool) -> None:
         """Save a preempted training state, stop training, then let SIGTERM end the process as it would have."""
@@ -669,12 +693,27 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 stacklevel=2,
             )
         step = _to_int(self.model.optimizer.iterations) if getattr(self.model, "optimizer", None) is not None else 0
+        committed = None
+        if engine.policy.async_save:
+            engine.wait()  # the previous epoch's save, in the background: its error surfaces here
+            committed = self._committed_best()
+            self.best = self._or_threshold(committed)
         previous_best = self.best
         plan = self._apply_threshold(engine.plan(epoch, step, metrics))
         self._saving = (epoch, step)
-        records = engine.execute(plan, self._write)
-        self._sync_best()
-        self._report(epoch, plan, records, previous_best)
+        records: list[Record] = []
+        if engine.policy.async_save and not (self._export and any(BEST in item.roles for item in plan.items)):
+            # The worker changes the engine's index while it commits: the best is settled before it starts.
+            best_after = self._or_threshold(self._ranked_first(committed, plan))
+            engine.execute(plan, self._write, background=True)
+            assert engine.store is not None
+            saved = [(item.roles, engine.store.join(item.filename)) for item in plan.items]
+            self.best = best_after
+        else:
+            records = engine.execute(plan, self._write)
+            saved = [(r.roles, engine.path_of(r)) for r in records]
+            self._sync_best()
+        self._report(epoch, plan, saved, previous_best)
         best = engine.best_record
         if self._export and engine.is_writer and best is not None and any(r.name == best.name for r in records):
             self._export_best(engine, best)
@@ -729,10 +768,11 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                 "keras_version": keras.__version__,
                 "backend": keras.backend.backend(),
             }
-            with open(path + STATE_SUFFIX, "w", encoding="utf-8") as f:
-                json.dump(state, f)
+            # One more member of the .keras zip (its central directory is rewritten after it), not one more file.
+            with zipfile.ZipFile(path, "a") as archive:
+                archive.writestr(STATE_MEMBER, json.dumps(state))
 
-    def _report(self, epoch: int, plan: Plan, records: list[Record], previous_best: Any) -> None:
+    def _report(self, epoch: int, plan: Plan, saved: list[tuple[frozenset[str], str]], previous_best: Any) -> None:
         """ModelCheckpoint's verbose messages, on the checkpoint_hooks logger."""
         engine = self._engine
         if engine is None or not engine.is_writer or not log.isEnabledFor(engine.level):
@@ -743,7 +783,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         if monitor is None or score is None:
             return
         before = "None" if previous_best is None else f"{float(previous_best):.5f}"
-        ranked = [r for r in records if BEST in r.roles]
+        ranked = [path for roles, path in saved if BEST in roles]
         reference = None if previous_best is None else float(previous_best)
         args: tuple[Any, ...]
         if ranked and is_better(score, reference, policy.resolved_mode, policy.min_delta):
@@ -760,7 +800,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         else:
             log.log(engine.level, "Epoch %d: %s did not improve from %s", epoch + 1, monitor, before)
             return
-        log.log(engine.level, message, epoch + 1, monitor, *args, engine.path_of(ranked[0]))
+        log.log(engine.level, message, epoch + 1, monitor, *args, ranked[0])
 
     def _export_best(self, engine: Engine, record: Record) -> None:
         """Export the best model as a SavedModel: into a staging folder, then renamed into place."""
@@ -800,12 +840,26 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
 
     def _sync_best(self) -> None:
         """Keep Keras's `self.best` equal to the engine's best score (it survives restarts there)."""
+        if self._engine is not None:
+            self.best = self._or_threshold(self._committed_best())
+
+    def _committed_best(self) -> float | None:
         engine = self._engine
-        if engine is None:
-            return
-        record = engine.best_record
-        score = record.score(engine.policy.monitor) if record is not None else None
-        self.best = score if score is not None else self._threshold
+        record = engine.best_record if engine is not None else None
+        return record.score(engine.policy.monitor) if engine is not None and record is not None else None
+
+    def _ranked_first(self, score: float | None, plan: Plan) -> float | None:
+        """The best score once `plan` is committed: `score`, or the plan's value when it ranks first."""
+        engine = self._engine
+        monitor = engine.policy.monitor if engine is not None else None
+        if engine is not None and monitor is not None and any(BEST in item.roles for item in plan.items):
+            value = plan.metrics.get(monitor)
+            if is_better(value, score, engine.policy.resolved_mode):
+                return value
+        return score
+
+    def _or_threshold(self, score: float | None) -> Any:
+        return score if score is not None else self._threshold
 
     # -- fit end ----------------------------------------------------------------------
 
@@ -813,12 +867,20 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         if not self._policy_mode:
             return
         sigterm = self._sigterm
-        self._end_session()
+        error: Exception | None = None
+        try:
+            self._end_session(raise_errors=True)  # waits for a background save: its error is the fit's
+        except Exception as exc:
+            error = exc
         if sigterm:
             # The signal came after the last epoch's save: nothing is left to save, but it still ends the process.
             self._sigterm = False
             self._preempted = True
+            if error is not None:
+                log.error("%s", error)
             signal.raise_signal(signal.SIGTERM)
+        if error is not None:
+            raise error
 
     # -- one fit(): SIGTERM handler and train_function wrapper --------------------------
 
@@ -837,14 +899,18 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         self._watch.install()
         self._wrap_train_function()
 
-    def _end_session(self) -> None:
-        """Put back what this fit() replaced and release the directory; safe to call more than once."""
+    def _end_session(self, raise_errors: bool = False) -> None:
+        """Put back what this fit() replaced and release the directory; safe to call more than once.
+
+        A background save still running is waited for; its error is raised with `raise_errors`
+        (the fit's end), else logged (an exception or a signal is ending the fit already).
+        """
         self._watch.restore()
         self._unwrap_train_function()
         self._fit_frame = None
         self._in_fit = False
         self._reset_initial_epoch()
-        self._close()
+        self._close(raise_errors)
 
     def _end_stale_sessions(self) -> None:
         """End what an earlier fit() left behind when an exception skipped its on_train_end."""
@@ -957,9 +1023,15 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             self.model._initial_epoch = None
         self._moved_initial_epoch = False
 
-    def _close(self) -> None:
-        if self._engine is not None:
+    def _close(self, raise_errors: bool = False) -> None:
+        if self._engine is None:
+            return
+        try:
             self._engine.close()
+        except Exception as exc:
+            if raise_errors:
+                raise
+            log.error("%s", exc)
 
 
 def _multi_process(model: Any) -> bool:
@@ -979,12 +1051,16 @@ def _multi_process(model: Any) -> bool:
 
 
 def _read_state(path: str) -> dict[str, Any]:
-    """The `<path>.state.json` written beside a resumable checkpoint; {} when there is none."""
+    """The state a resumable checkpoint holds (or version 1 wrote beside it); {} when there is none."""
     try:
-        with open(path + STATE_SUFFIX, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read(STATE_MEMBER))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        try:
+            with open(path + STATE_SUFFIX, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
     return data if isinstance(data, dict) and data.get("format") == _STATE_FORMAT else {}
 
 

@@ -15,8 +15,17 @@ inference model in a folder per checkpoint (`<name>/model.json` + `model.pdipara
 needs `paddle.Model(net, inputs=...)`, load with `paddle.jit.load("<name>/model")`);
 `training_state` (the default and the rolling last) is what
 `Model.save(path, training=True)` writes (`.pdparams`, `.pdopt` with the LR
-scheduler, `.pdscaler` under AMP) plus `<name>.state.json` (epoch, global step,
-parameter names, a float learning rate) and `<name>.pdrng` (random states).
+scheduler, `.pdscaler` under AMP); the `.pdopt` also holds, under the key
+`checkpoint_hooks@@`, the epoch, global step, parameter names, a float learning
+rate and the random states. `Model.load(path)` loads it as it is (optimizers
+ignore keys that name none of their accumulators), and no file is added to what
+Model.save writes: every file costs a hash and an fsync at each save.
+
+`async_save=True`: the files are written on the training thread at the epoch end,
+as without it; hashing them, the fsyncs, the commit and pruning run in a
+background thread while the next epoch trains. The next save, the end of fit()
+and an exception wait for it, and its error surfaces there. Saves on preemption
+are always synchronous.
 
 Resume: `fit()` has no initial epoch, so with `resume="auto"` the callback lets
 `fit(epochs=N)` walk through the finished epochs without running them and
@@ -75,9 +84,12 @@ __all__ = ["BestCheckpoint"]
 log = logging.getLogger("checkpoint_hooks")
 
 TRAINING_STATE = "training_state"
+# Under this key of the .pdopt: epoch, step, parameter names, learning rate, random states.
+STATE_KEY = "checkpoint_hooks@@"
+STATE_VERSION = 2
+# Where version 1 kept them, in two more files beside the .pdparams (still read on resume).
 STATE_SUFFIX = ".state.json"
 RNG_SUFFIX = ".pdrng"
-STATE_VERSION = 1
 # Keys hapi puts into its logs that are bookkeeping, not metrics.
 _NOT_METRICS = frozenset({"step", "batch_size"})
 _SHIM_MARK = "_checkpoint_hooks_shim"
@@ -119,7 +131,7 @@ def _releasing(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except BaseException:
-            self._end_fit()
+            self._end_fit(failing=True)
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -127,12 +139,13 @@ def _releasing(method: F) -> F:
 
 @dataclass
 class _Resume:
-    """Where this fit continues from: a training_state prefix and what its state file says."""
+    """Where this fit continues from: a training_state prefix, its optimizer state and what it says of itself."""
 
     prefix: str
     epoch: int  # the epoch it was saved in, 0-based; -1 when the checkpoint does not say
     state: dict[str, Any]
     mid_epoch: bool = False  # saved before `epoch` finished: that epoch runs again from its start
+    optimizer: dict[str, Any] | None = None  # the .pdopt without our key; None when there is no .pdopt
 
     @property
     def start_epoch(self) -> int:
@@ -230,8 +243,6 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if snapshots is not None:
             options["snapshots"] = {"every_n_epochs": snapshots} if isinstance(snapshots, int) else snapshots
         self.policy: CheckpointPolicy = load_policy(policy, **options)
-        if self.policy.async_save:
-            log.warning("async_save is not available for Paddle yet; checkpoints are saved synchronously")
         self.engine: Engine | None = None
         self.resumed_from: Record | None = None
         self.start_epoch = 0
@@ -250,6 +261,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._trained = 0  # batches trained in this fit
         self._epoch_length: int | None = None
         self._state_step: int | None = None  # global step of the newest training_state (saved or resumed)
+        self._state_in_flight: tuple[int, list[str]] | None = None  # step and names of a background save
         self._due_at_epoch_end = False
         self._preemption_saved = False
         self._sigterm = False
@@ -282,7 +294,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
 
     @_releasing
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        self._end_fit()  # a fit() that raised before never reached on_train_end
+        self._end_fit(failing=True)  # a fit() that raised before never reached on_train_end
         self._check_model()
         self._in_fit = True
         self._epoch = -1
@@ -295,6 +307,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._epoch_done = False
         self._trained = 0
         self._state_step = None
+        self._state_in_flight = None
         self._due_at_epoch_end = False
         self._preemption_saved = False
         self._sigterm = False
@@ -385,8 +398,10 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 # Training is complete and saved: a SIGTERM that came during the last epoch's
                 # evaluation only ends the process now (in _end_fit, after the lock is released).
                 self._sigterm = self._stop_requested()
-        finally:
-            self._end_fit()
+        except BaseException:
+            self._end_fit(failing=True)
+            raise
+        self._end_fit()  # waits for a background save: its error is the fit's
 
     @property
     def _model(self) -> Any:
@@ -432,17 +447,40 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if pending is None or engine is None or not engine.is_writer:
             return
         epoch, metrics = pending
-        records = self._execute(engine.plan(epoch, self._global_step, metrics))
-        if deferred and not any(r.format == TRAINING_STATE for r in records):
+        saved_state = self._execute(engine.plan(epoch, self._global_step, metrics))
+        if deferred and not saved_state:
             # A step or time save that fell on the epoch's last batch, with last=False.
             self._execute(engine.plan_training_state(epoch, self._global_step, metrics, mid_epoch=False))
 
-    def _execute(self, plan: Plan) -> list[Record]:
-        assert self.engine is not None
-        records = self.engine.execute(plan, functools.partial(self._write, plan.epoch))
+    def _execute(self, plan: Plan, background: bool | None = None) -> bool:
+        """Save `plan`; whether it holds a training_state that was saved (or is being saved, in the background).
+
+        `background` defaults to `async_save`: the files are written here, the rest runs in the engine's worker.
+        """
+        engine = self.engine
+        assert engine is not None
+        self._settle()
+        write = functools.partial(self._write, plan.epoch)
+        if self.policy.async_save if background is None else background:
+            engine.execute(plan, write, background=True)
+            names = [item.name for item in plan.items if item.format == TRAINING_STATE]
+            if names:
+                self._state_in_flight = (plan.step, names)
+            return bool(names)
+        records = engine.execute(plan, write)
         if any(r.format == TRAINING_STATE for r in records):
             self._state_step = plan.step
-        return records
+            return True
+        return False
+
+    def _settle(self) -> None:
+        """Wait for a background save (raising its error); count its training_state once it is committed."""
+        engine = self.engine
+        assert engine is not None
+        engine.wait()
+        in_flight, self._state_in_flight = self._state_in_flight, None
+        if in_flight is not None and any(engine.manifest.by_name(name) is not None for name in in_flight[1]):
+            self._state_step = in_flight[0]
 
     def _running_metrics(self) -> dict[str, Any]:
         mean = self._train_loss.value()
@@ -500,6 +538,11 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         else:
             log.warning("SIGTERM received (by this rank or another); stopping once rank 0 saved a training state")
         self._save_preempted()
+        if self.engine is not None:
+            try:
+                self.engine.wait()  # a background save (async_save) is on disk before the process ends
+            except Exception as exc:
+                log.error("%s", exc)
         if _world_size() > 1:
             paddle.distributed.barrier()  # rank 0 writes; the others must not end it before it is done
         if self._watch.previous == signal.SIG_DFL and self._loader is not None:
@@ -533,9 +576,14 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             log.log(engine.level, "no training step in this fit: nothing to save on preemption")
             return
         try:
+            self._settle()
+        except Exception as exc:  # a background save failed: the one on preemption goes ahead
+            log.error("%s", exc)
+        try:
             self._flush()  # a finished epoch waiting for its save comes first
             if not engine.is_writer:
                 return
+            self._settle()
             if self._state_step == self._global_step:
                 last = engine.last_record
                 log.warning(
@@ -550,7 +598,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             plan = engine.plan_training_state(
                 epoch, self._global_step, self._running_metrics(), mid_epoch=mid_epoch, preempted=True
             )
-            self._execute(plan)
+            self._execute(plan, background=False)  # on disk before the process ends
         except Exception as exc:
             log.error("could not save a training state on preemption: %s", exc)
 
@@ -574,14 +622,17 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             self._write_training_state(epoch, item, _prefix(path, ".pdparams"))
 
     def _write_training_state(self, epoch: int, item: SaveItem, prefix: str) -> None:
+        """The files of `Model.save(prefix, training=True)`, with this callback's state inside the .pdopt."""
         model = self._model
-        model.save(prefix, training=True)  # .pdparams, .pdopt (with LR_Scheduler), .pdscaler
+        network = model.network
+        paddle.save(network.state_dict(), prefix + ".pdparams")
         optimizer = model._optimizer
         learning_rate = None
         if optimizer is not None and not isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler):
             # A float rate is not in the optimizer state; ReduceLROnPlateau changes it.
             learning_rate = float(optimizer.get_lr())
-        state = {
+        optimizer_state = dict(optimizer.state_dict()) if optimizer is not None else {}  # with LR_Scheduler
+        optimizer_state[STATE_KEY] = {
             "version": STATE_VERSION,
             "epoch": epoch,
             "global_step": self._global_step,
@@ -589,15 +640,22 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             "mid_epoch": item.mid_epoch,
             "epoch_step": self._epoch_steps if item.mid_epoch else None,
             # Optimizer keys embed process-wide unique parameter names; this maps them back on load.
-            "param_names": {name: p.name for name, p in model.network.named_parameters()},
+            "param_names": {name: p.name for name, p in network.named_parameters()},
             "learning_rate": learning_rate,
             "world_size": _world_size(),
+            # Pickled here: paddle.save walks every element of nested lists and tuples (Python's random
+            # state holds 625 of them), which cost more than the rest of the .pdopt.
+            "rng": pickle.dumps(
+                {"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                protocol=pickle.HIGHEST_PROTOCOL,
+            ),
         }
-        with open(prefix + STATE_SUFFIX, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-        rng = {"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        with open(prefix + RNG_SUFFIX, "wb") as f:
-            pickle.dump(rng, f, protocol=pickle.HIGHEST_PROTOCOL)
+        paddle.save(optimizer_state, prefix + ".pdopt")
+        scaler = getattr(model, "_scaler", None)
+        if scaler is not None:
+            scaler_state = scaler.state_dict()
+            if scaler_state:
+                paddle.save(scaler_state, prefix + ".pdscaler")
 
     # -- resume -----------------------------------------------------------------------
 
@@ -694,9 +752,8 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if unexpected:
             log.warning("checkpoint %s.pdparams has entries this network lacks: %s", resume.prefix, ", ".join(unexpected))
         optimizer = model._optimizer
-        if optimizer is not None and os.path.exists(resume.prefix + ".pdopt"):
-            saved = paddle.load(resume.prefix + ".pdopt")
-            saved.pop(_NAME_TABLE, None)
+        saved, resume.optimizer = resume.optimizer, None  # loaded by _read_resume; not kept after the restore
+        if optimizer is not None and saved:
             optimizer.set_state_dict(_rename_optimizer_state(saved, names, model))
         learning_rate = state.get("learning_rate")
         if (
@@ -709,13 +766,12 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if scaler is not None and os.path.exists(resume.prefix + ".pdscaler"):
             scaler.load_state_dict(paddle.load(resume.prefix + ".pdscaler"))
         # Random states are per process; with several ranks only rank 0's were saved.
-        if _world_size() <= 1 and os.path.exists(resume.prefix + RNG_SUFFIX):
-            with open(resume.prefix + RNG_SUFFIX, "rb") as f:
-                rng = pickle.load(f)
+        rng = pickle.loads(state["rng"]) if isinstance(state.get("rng"), bytes) else None
+        if _world_size() <= 1 and rng is not None:
             try:
                 paddle.set_rng_state(rng["paddle"])
             except (ValueError, RuntimeError) as exc:  # saved on another device type
-                log.warning("could not restore Paddle's random state from %s%s: %s", resume.prefix, RNG_SUFFIX, exc)
+                log.warning("could not restore Paddle's random state from %s.pdopt: %s", resume.prefix, exc)
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
         level = self.engine.level if self.engine else logging.DEBUG
@@ -759,7 +815,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 return original(data_loader, callbacks, mode, *args, **kwargs)
             except BaseException as exc:
                 self._on_exception(exc)
-                self._end_fit()
+                self._end_fit(failing=True)
                 raise
 
         setattr(run_one_epoch, _SHIM_MARK, (self, before))
@@ -781,18 +837,30 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             else:
                 model.__dict__["_run_one_epoch"] = before
 
-    def _end_fit(self) -> None:
+    def _end_fit(self, failing: bool = False) -> None:
+        """Undo what this fit installed and release the directory once a background save is done.
+
+        That save's error is raised, or only logged when another exception (`failing`) is on its way.
+        """
         self._in_fit = False
         self._fit_callbacks = None
         self._loader = None
         self._remove_shim()
         self._watch.restore()
+        error: Exception | None = None
         if self.engine is not None:
-            self.engine.close()
+            try:
+                self.engine.close()
+            except Exception as exc:
+                error = exc
+        if error is not None and (failing or self._sigterm):
+            log.error("%s", error)
         if self._sigterm:
             # A SIGTERM that found no safe point to stop at is never dropped.
             self._sigterm = False
             signal.raise_signal(signal.SIGTERM)
+        if error is not None and not failing:
+            raise error
 
 
 def _metrics(logs: Mapping[str, Any] | None, names: Any) -> dict[str, Any]:
@@ -824,22 +892,32 @@ def _broadcast(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_resume(prefix: str, epoch: int | None, mid_epoch: bool | None = None) -> _Resume:
+    """The .pdopt of a training_state (loaded once, for `_restore`) and the callback state it holds."""
+    optimizer: dict[str, Any] | None = None
     state: dict[str, Any] = {}
-    if os.path.exists(prefix + STATE_SUFFIX):
+    if os.path.exists(prefix + ".pdopt"):
+        optimizer = paddle.load(prefix + ".pdopt")
+        optimizer.pop(_NAME_TABLE, None)
+        state = dict(optimizer.pop(STATE_KEY, None) or {})
+    if not state and os.path.exists(prefix + STATE_SUFFIX):  # saved by version 1 of this callback
         with open(prefix + STATE_SUFFIX, encoding="utf-8") as f:
             state = json.load(f)
+        if os.path.exists(prefix + RNG_SUFFIX):
+            with open(prefix + RNG_SUFFIX, "rb") as f:
+                state["rng"] = f.read()
     if mid_epoch is None:
         mid_epoch = bool(state.get("mid_epoch", False))
     if epoch is None:
         epoch = state.get("epoch")
     if epoch is None:
         log.warning(
-            "%s.pdparams does not say which epoch it ends (no %s); its state is loaded and fit() counts from epoch 0",
+            "%s.pdparams does not say which epoch it ends (its .pdopt has no %r); its state is loaded and "
+            "fit() counts from epoch 0",
             prefix,
-            STATE_SUFFIX,
+            STATE_KEY,
         )
         epoch, mid_epoch = -1, False
-    return _Resume(prefix=prefix, epoch=int(epoch), state=state, mid_epoch=mid_epoch)
+    return _Resume(prefix=prefix, epoch=int(epoch), state=state, mid_epoch=mid_epoch, optimizer=optimizer)
 
 
 def _name_table(path: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ The base is rewritten, and the journal emptied, at fit start and every
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,7 +44,9 @@ class Manifest:
     """The committed records of a directory, indexed by name and by (run, tag) for the engine's hot path.
 
     An epoch end touches only the records whose tags change, so committing is
-    independent of how many checkpoints a long run has accumulated.
+    independent of how many checkpoints a long run has accumulated. A background save
+    changes the index in place while the training thread may read it: a lock keeps
+    each read and each change whole.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Manifest:
         journal_lines: int = 0,
         history_written: int = 0,
     ) -> None:
+        self._lock = threading.RLock()
         self._by_name: dict[str, Record] = {}
         self._tagged: dict[tuple[str, str], dict[str, Record]] = {}
         self.records = list(records)
@@ -72,14 +76,16 @@ class Manifest:
     @property
     def records(self) -> list[Record]:
         """Every record, in save order."""
-        return list(self._by_name.values())
+        with self._lock:
+            return list(self._by_name.values())
 
     @records.setter
     def records(self, records: Iterable[Record]) -> None:
-        self._by_name.clear()
-        self._tagged.clear()
-        for record in sorted(records, key=lambda r: r.seq):
-            self.put(record)
+        with self._lock:
+            self._by_name.clear()
+            self._tagged.clear()
+            for record in sorted(records, key=lambda r: r.seq):
+                self.put(record)
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -89,40 +95,44 @@ class Manifest:
 
     def put(self, record: Record) -> None:
         """Add a record, or replace the one of the same name (its place in save order stays)."""
-        self.discard(record.name, keep_place=True)
-        self._by_name[record.name] = record
-        for tag in record.tags:
-            self._tagged.setdefault((record.run, tag), {})[record.name] = record
+        with self._lock:
+            self.discard(record.name, keep_place=True)
+            self._by_name[record.name] = record
+            for tag in record.tags:
+                self._tagged.setdefault((record.run, tag), {})[record.name] = record
 
     def discard(self, name: str, keep_place: bool = False) -> None:
-        old = self._by_name.get(name)
-        if old is None:
-            return
-        for tag in old.tags:
-            self._tagged.get((old.run, tag), {}).pop(name, None)
-        if not keep_place:
-            del self._by_name[name]
+        with self._lock:
+            old = self._by_name.get(name)
+            if old is None:
+                return
+            for tag in old.tags:
+                self._tagged.get((old.run, tag), {}).pop(name, None)
+            if not keep_place:
+                del self._by_name[name]
 
     def by_name(self, name: str) -> Record | None:
         return self._by_name.get(name)
 
     def run_records(self, run: str) -> list[Record]:
-        return sorted((r for r in self._by_name.values() if r.run == run), key=lambda r: r.seq)
+        return sorted((r for r in self.records if r.run == run), key=lambda r: r.seq)
 
     def holders(self, run: str, tag: str) -> list[Record]:
         """The records of `run` that hold `tag`, in save order (without looking at the others)."""
-        return sorted(self._tagged.get((run, tag), {}).values(), key=lambda r: r.seq)
+        with self._lock:
+            found = list(self._tagged.get((run, tag), {}).values())
+        return sorted(found, key=lambda r: r.seq)
 
     def referenced_paths(self) -> set[str]:
         paths = {MANIFEST_NAME, JOURNAL_NAME, HEAD_NAME}
-        for record in self._by_name.values():
+        for record in self.records:
             paths.add(sidecar_name(record.name))
             paths.update(f.path for f in record.files)
         return paths
 
     def copy(self) -> Manifest:
         return Manifest(
-            self._by_name.values(),
+            self.records,
             self.policy,
             self.next_seq,
             list(self.history),
@@ -140,7 +150,7 @@ class Manifest:
             "commit": self.commit,
             "next_seq": self.next_seq,
             "policy": self.policy,
-            "records": [r.to_json() for r in sorted(self._by_name.values(), key=lambda r: r.seq)],
+            "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.seq)],
             "history": [_encode_history(h) for h in self.history],
         }
         # compact: the C encoder (an indented dump is several times slower on long runs)
@@ -202,14 +212,16 @@ class Manifest:
 
     def apply(self, change: dict[str, Any], history: bool = True) -> None:
         """Apply a journal entry (`history=False` when this index already holds its history entries)."""
-        for name in change.get("drop") or ():
-            self.discard(name)
-        for name, tags in (change.get("tags") or {}).items():
-            record = self._by_name.get(name)
-            if record is not None:
-                self.put(record.with_tags(frozenset(tags)))
-        for data in change.get("add") or ():
-            self.put(Record.from_json(data))
+        added = [Record.from_json(data) for data in change.get("add") or ()]
+        with self._lock:  # readers on another thread see the index before or after, not between
+            for name in change.get("drop") or ():
+                self.discard(name)
+            for name, tags in (change.get("tags") or {}).items():
+                record = self._by_name.get(name)
+                if record is not None:
+                    self.put(record.with_tags(frozenset(tags)))
+            for record in added:
+                self.put(record)
         self.next_seq = int(change.get("next_seq") or self.next_seq)
         if history:
             self.history.extend(_decode_history(h) for h in change.get("history") or ())

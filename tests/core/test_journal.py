@@ -89,3 +89,36 @@ def test_lines_already_in_the_base_are_skipped(tmp_path):
     assert sorted(r.name for r in seen.records) == sorted(r.name for r in e.manifest.records)
     assert len(seen.history) == 3
     e.close()
+
+
+def test_a_reader_on_another_thread_sees_each_change_whole():
+    """A background save changes the index while the training thread reads best and last from it."""
+    import threading
+
+    from checkpoint_hooks.core.manifest import Manifest
+    from checkpoint_hooks.core.records import BEST, LAST, Record
+
+    manifest = Manifest([Record(name=f"old{i}", epoch=i, step=i, format="weights", run="r", seq=i + 1) for i in range(2000)])
+    stop, errors, seen = threading.Event(), [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                best, last = manifest.holders("r", BEST), manifest.holders("r", LAST)
+                seen.append((len(best), len(last)))
+                manifest.run_records("r")
+                manifest.referenced_paths()
+            except Exception as exc:  # any error is the failure
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(3000):
+        new = Record(name=f"n{i}", epoch=i, step=i, format="training_state", tags=frozenset({BEST, LAST}), run="r", seq=3000 + i)
+        previous = [f"n{i - 1}"] if i else []
+        manifest.apply(manifest.change(add=[new], drop=previous), history=False)
+    stop.set()
+    reader.join()
+    assert errors == []
+    assert seen and all(counts in ((0, 0), (1, 1)) for counts in seen)  # never half a change

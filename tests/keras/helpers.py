@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,3 +68,26 @@ def listing(path: str) -> list[str]:
         for name in files:
             found.append(os.path.relpath(os.path.join(base, name), path))
     return sorted(found)
+
+
+def saved_state(path: str) -> dict[str, Any]:
+    """The epoch, step and seed states a resumable .keras file carries in its zip archive."""
+    with zipfile.ZipFile(path) as archive:
+        state: dict[str, Any] = json.loads(archive.read("checkpoint_hooks.json"))
+    return state
+
+
+class FailAt(keras.layers.Layer):
+    """Raises in the n-th training call (the model runs eagerly, so every step calls it)."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at = at
+        self.calls = 0
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise RuntimeError(f"step {self.at} failed")
+        return inputs

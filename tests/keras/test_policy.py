@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import warnings
+import zipfile
 from typing import Any
 
 import keras
@@ -16,7 +17,7 @@ import pytest
 from checkpoint_hooks import CheckpointPolicy, PolicyError
 from checkpoint_hooks.keras import BestCheckpoint
 from tests.index import read_index
-from tests.keras.helpers import Script, Snapshot, data, listing, make_model, weights_equal
+from tests.keras.helpers import Script, Snapshot, data, listing, make_model, saved_state, weights_equal
 
 
 def fit(model: keras.Model, callbacks: list[Any], epochs: int, **kwargs: Any) -> keras.callbacks.History:
@@ -34,14 +35,14 @@ def fit(model: keras.Model, callbacks: list[Any], epochs: int, **kwargs: Any) ->
     )
 
 
-def files_of(name: str, ext: str = ".keras", resumable: bool = True) -> list[str]:
-    """The files one record leaves: the checkpoint, its RNG/epoch state when resumable, the engine's sidecar."""
-    return [name + ext, *([name + ext + ".state.json"] if resumable else []), name + ".meta.json"]
+def files_of(name: str, ext: str = ".keras") -> list[str]:
+    """The files one record leaves: the checkpoint (a resumable one holds its RNG/epoch state) and the sidecar."""
+    return [name + ext, name + ".meta.json"]
 
 
 def directory(*records: list[str]) -> list[str]:
     """The sorted listing of a checkpoint directory that holds these records' files."""
-    return sorted([*(name for files in records for name in files), "manifest.json", ".checkpoint_hooks.lock"])
+    return sorted([*(name for files in records for name in files), "manifest.head", "manifest.json", ".checkpoint_hooks.lock"])
 
 
 def manifest(dirpath: Any) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def test_weights_format_keeps_a_separate_resumable_last(tmp_path: Any) -> None:
     states = Snapshot()
     model = make_model()
     fit(model, [Script([0.3, 0.5, 0.4]), callback, states], epochs=3)
-    expected = directory(files_of("w1", ".weights.h5", resumable=False), files_of("last-epoch=003-step=12"))
+    expected = directory(files_of("w1", ".weights.h5"), files_of("last-epoch=003-step=12"))
     assert listing(str(tmp_path)) == expected
     assert callback.policy is not None and callback.policy.format == "weights"
     fresh = make_model()
@@ -96,7 +97,7 @@ def test_legacy_h5_models_and_training_state(tmp_path: Any) -> None:
     states = Snapshot()
     fit(make_model(), [Script([0.3, 0.5, 0.4]), legacy, state, states], epochs=3)
     # Legacy .h5 does not restore the optimizer, so the rolling last is a separate .keras.
-    expected = directory(files_of("m1", ".h5", resumable=False), files_of("last-epoch=003-step=12"))
+    expected = directory(files_of("m1", ".h5"), files_of("last-epoch=003-step=12"))
     assert listing(str(tmp_path / "h5")) == expected
     h5 = keras.models.load_model(str(tmp_path / "h5" / "m1.h5"), compile=False)
     assert weights_equal(h5.get_weights(), states.weights[0])
@@ -106,8 +107,7 @@ def test_legacy_h5_models_and_training_state(tmp_path: Any) -> None:
     assert int(restored.optimizer.iterations.numpy()) == 12
     records = {r["name"]: r for r in manifest(tmp_path / "ts")["records"]}
     assert (records["s3"]["epoch"], records["s3"]["step"], records["s3"]["format"]) == (2, 12, "training_state")
-    with open(tmp_path / "ts" / "s3.keras.state.json", encoding="utf-8") as f:
-        assert json.load(f)["epoch"] == 2
+    assert saved_state(str(tmp_path / "ts" / "s3.keras"))["epoch"] == 2
 
 
 def test_yaml_policy_and_overrides(tmp_path: Any) -> None:
@@ -222,6 +222,26 @@ def test_explicit_resume_path(tmp_path: Any) -> None:
     assert names == ["p1", "p2", "p3", "p3-v1"]
 
 
+def test_explicit_resume_path_to_a_version_1_file_with_its_state_beside_it(tmp_path: Any) -> None:
+    """Version 1 wrote the epoch, step and seed states to `<file>.state.json` instead of into the .keras."""
+    fit(make_model(), [Script([0.3, 0.5]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "a"), filename="p{epoch}")],
+        epochs=2)
+    old = tmp_path / "v1" / "ck.keras"
+    old.parent.mkdir()
+    with zipfile.ZipFile(tmp_path / "a" / "p2.keras") as source, zipfile.ZipFile(old, "w") as target:
+        for info in source.infolist():
+            if info.filename != "checkpoint_hooks.json":
+                target.writestr(info, source.read(info))
+    state = saved_state(str(tmp_path / "a" / "p2.keras"))
+    (tmp_path / "v1" / "ck.keras.state.json").write_text(json.dumps(state), encoding="utf-8")
+
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "b"), filename="p{epoch}", resume=str(old))
+    model = make_model(seed=1)
+    history = fit(model, [Script([0] * 4), callback], epochs=4)
+    assert history.epoch == [2, 3]
+    assert int(model.optimizer.iterations.numpy()) == 16
+
+
 def test_a_second_fit_of_the_same_callback_continues_its_run(tmp_path: Any) -> None:
     callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="s{epoch}")
     model = make_model()
@@ -289,11 +309,3 @@ def test_export_best_writes_a_loadable_saved_model(tmp_path: Any) -> None:
     model.set_weights(states.weights[1])
     loaded = tf.saved_model.load(str(export))
     np.testing.assert_allclose(np.asarray(loaded.serve(x)), model.predict(x, verbose=0), rtol=1e-6)
-
-
-def test_async_save_is_refused_politely(tmp_path, caplog):
-    from checkpoint_hooks.keras import BestCheckpoint
-
-    cb = BestCheckpoint(policy={"dirpath": str(tmp_path), "async_save": True})
-    assert cb.policy.async_save
-    assert "async_save is not available for Keras yet; checkpoints are saved synchronously" in caplog.text

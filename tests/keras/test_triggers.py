@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from checkpoint_hooks.core import CheckpointDirectory, Record
 from checkpoint_hooks.core import engine as engine_module
 from checkpoint_hooks.keras import BestCheckpoint
 from tests.index import read_index
-from tests.keras.helpers import data, listing, make_model
+from tests.keras.helpers import FailAt, data, listing, make_model, saved_state
 
 
 def fit(model: keras.Model, callbacks: list[Any], epochs: int, x: Any = None, **kwargs: Any) -> Any:
@@ -72,8 +71,7 @@ class LastProbe(keras.callbacks.Callback):
         path = self.checkpoint.last_model_path
         self.lasts[step_of(self.model)] = os.path.basename(path).removesuffix(".keras")
         if path and os.path.basename(path) not in self.states:
-            with open(path + ".state.json", encoding="utf-8") as f:
-                state = json.load(f)
+            state = saved_state(path)
             self.states[os.path.basename(path)] = {
                 k: state.get(k) for k in ("epoch", "step", "mid_epoch", "epoch_batches")
             }
@@ -203,22 +201,6 @@ def test_no_sigterm_handler_in_drop_in_mode_or_without_save_on_preemption(tmp_pa
     assert sorted(os.listdir(tmp_path / "d")) == ["m1.keras"]
 
 
-class FailAt(keras.layers.Layer):
-    """Raises in the n-th training call (the model runs eagerly, so every step calls it)."""
-
-    def __init__(self, at: int | None) -> None:
-        super().__init__()
-        self.at = at
-        self.calls = 0
-
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        if training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise RuntimeError(f"step {self.at} failed")
-        return inputs
-
-
 def failing_model(at: int | None) -> keras.Model:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), FailAt(at), keras.layers.Dense(1)])
@@ -309,6 +291,6 @@ def test_a_fit_ended_by_an_exception_elsewhere_leaves_nothing_behind(tmp_path: A
         signal.signal(signal.SIGTERM, previous)
     assert summary(tmp_path) == {"e1": (["best", "last"], 0, 4, False)}
     assert listing(str(tmp_path)) == sorted(
-        [".checkpoint_hooks.lock", "e1.keras", "e1.keras.state.json", "e1.meta.json", "manifest.json"]
+        [".checkpoint_hooks.lock", "e1.keras", "e1.meta.json", "manifest.head", "manifest.json"]
     )
     assert np.isfinite(step_of(model))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import numpy as np
+import paddle
 import pytest
 
-from checkpoint_hooks.paddle import BestCheckpoint
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint
 from checkpoint_hooks.policy import PolicyError
 from tests.paddle.toy import (
     VAL_OFFSETS,
@@ -217,3 +219,23 @@ def test_explicit_path_to_a_model_save_prefix_loads_it_and_counts_from_zero(tmp_
     assert_same_state(portable_state(model), portable_state(reference))
     with pytest.raises(PolicyError, match=r"resume='nowhere' is not a checkpoint: 'nowhere.pdparams' does not exist"):
         fit(str(tmp_path / "d"), epochs=1, monitor=None, top_k=1, resume="nowhere")
+
+
+def test_explicit_path_to_a_version_1_training_state_resumes_at_its_epoch(tmp_path):
+    """Version 1 kept the callback's state in `<name>.state.json` and `<name>.pdrng` beside the .pdparams."""
+    _, _, reference = fit(str(tmp_path / "ref"), epochs=4, monitor=None, top_k=-1)
+    fit(str(tmp_path / "a"), epochs=2, monitor=None, top_k=-1)
+    source, old = str(tmp_path / "a" / "epoch=001-step=8"), str(tmp_path / "v1" / "ck")
+    os.makedirs(os.path.dirname(old))
+    shutil.copyfile(source + ".pdparams", old + ".pdparams")
+    optimizer = paddle.load(source + ".pdopt")
+    state = optimizer.pop(STATE_KEY)
+    paddle.save(optimizer, old + ".pdopt")
+    with open(old + ".pdrng", "wb") as f:
+        f.write(state.pop("rng"))  # the pickled random states, as version 1 wrote them
+    with open(old + ".state.json", "w", encoding="utf-8") as f:
+        json.dump({**state, "version": 1}, f)
+
+    _, recorder, model = fit(str(tmp_path / "c"), epochs=4, seed=5, monitor=None, top_k=-1, resume=old + ".pdparams")
+    assert recorder.trained == [2, 3]
+    assert_same_state(portable_state(model), portable_state(reference))

@@ -34,14 +34,14 @@ def fit(callback: BestCheckpoint, epochs: int = 6, seed: int = 0, **kwargs) -> R
 
 
 def files(*names_and_exts: tuple[str, tuple[str, ...]]) -> list[str]:
-    out = [".checkpoint_hooks.lock", "manifest.json"]
+    out = [".checkpoint_hooks.lock", "manifest.head", "manifest.json"]
     for name, exts in names_and_exts:
         out += [name + ".meta.json"] + [name + ext for ext in exts]
     return sorted(out)
 
 
 WEIGHTS = (".pdparams",)
-STATE = (".pdparams", ".pdopt", ".state.json", ".pdrng")
+STATE = (".pdparams", ".pdopt")
 
 
 def test_top_k_snapshots_and_last_keep_exactly_the_expected_files(tmp_path):

@@ -19,13 +19,13 @@ import pytest
 
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.errors import CheckpointError
-from checkpoint_hooks.paddle import BestCheckpoint
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint
 from tests.index import read_index
 from tests.paddle.run_preempt import SigtermAt
 from tests.paddle.toy import Recorder, Regression, listing, portable_state, regression_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STATE = (".pdparams", ".pdopt", ".state.json", ".pdrng")
+STATE = (".pdparams", ".pdopt")
 
 
 class Lasts(paddle.callbacks.Callback):
@@ -45,8 +45,7 @@ class Lasts(paddle.callbacks.Callback):
         record = engine.last_record if engine is not None else None
         if record is None or (self.seen and self.seen[-1][0] == record.name):
             return
-        with open(engine.path_of(record).removesuffix(".pdparams") + ".state.json", encoding="utf-8") as f:
-            state = json.load(f)
+        state = paddle.load(engine.path_of(record).removesuffix(".pdparams") + ".pdopt")[STATE_KEY]
         assert state["mid_epoch"] == record.mid_epoch and state["global_step"] == record.step
         self.seen.append((record.name, record.step, record.mid_epoch, sorted(record.tags), state["epoch_step"]))
 
@@ -87,7 +86,7 @@ def records(directory: str) -> list[tuple[str, int, int, bool, list[str]]]:
 
 
 def files(*names: str, lock: bool = True) -> list[str]:
-    out = ["manifest.json"] + ([".checkpoint_hooks.lock"] if lock else [])
+    out = ["manifest.head", "manifest.json"] + ([".checkpoint_hooks.lock"] if lock else [])
     for name in names:
         out += [name + ".meta.json"] + [name + ext for ext in STATE]
     return sorted(out)

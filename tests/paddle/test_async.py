@@ -1,0 +1,139 @@
+"""async_save through real Paddle fits: files written at the epoch end, the rest of the save in the background."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import paddle
+import pytest
+
+from checkpoint_hooks.core import SaveError
+from checkpoint_hooks.paddle import BestCheckpoint
+from tests.paddle.toy import (
+    VAL_OFFSETS,
+    Recorder,
+    Regression,
+    listing,
+    manifest_records,
+    portable_state,
+    regression_model,
+)
+from tests.spies import Publishes, verifies
+
+
+def fit(directory: str, epochs: int, *extra: Any, model: Any = None, **options: Any) -> tuple[BestCheckpoint, Recorder, Any]:
+    model = model if model is not None else regression_model(0)
+    eval_data = Regression(16, seed=1, offsets=VAL_OFFSETS)
+    recorder = Recorder(eval_data)
+    options.setdefault("monitor", "val_loss")
+    options.setdefault("top_k", 2)
+    callback = BestCheckpoint(dirpath=directory, **options)
+    model.fit(Regression(), eval_data, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+              callbacks=[callback, recorder, *extra])
+    return callback, recorder, model
+
+
+def test_async_fit_keeps_what_a_sync_fit_keeps(tmp_path, monkeypatch):
+    spy = Publishes(monkeypatch)
+    sync, _, _ = fit(str(tmp_path / "sync"), 6, snapshots=4)
+    assert spy.threads == {"main"}
+    spy.calls.clear()
+    callback, recorder, _ = fit(str(tmp_path / "async"), 6, snapshots=4, async_save=True)
+
+    # Every save's tail ran in the worker; the fit's end waited for the last one.
+    assert spy.threads == {"worker"} and len(spy.calls) == 6
+    assert recorder.trained == [0, 1, 2, 3, 4, 5]
+    assert listing(str(tmp_path / "async")) == listing(str(tmp_path / "sync"))
+    assert manifest_records(str(tmp_path / "async")) == manifest_records(str(tmp_path / "sync"))
+    verifies(str(tmp_path / "async"))
+    assert os.path.basename(callback.best_model_path) == os.path.basename(sync.best_model_path) != ""
+    assert os.path.basename(callback.last_model_path) == os.path.basename(sync.last_model_path) != ""
+
+
+def test_resume_after_an_async_fit_continues_bitwise(tmp_path):
+    _, _, reference = fit(str(tmp_path / "ref"), 5)
+    fit(str(tmp_path / "run"), 2, async_save=True)
+    callback, recorder, model = fit(str(tmp_path / "run"), 5, model=regression_model(seed=7), async_save=True)
+
+    assert callback.resumed_from is not None and callback.resumed_from.epoch == 1
+    assert recorder.trained == [2, 3, 4]
+    a, b = portable_state(model), portable_state(reference)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == []
+    assert manifest_records(str(tmp_path / "run")) == manifest_records(str(tmp_path / "ref"))
+
+
+def test_a_background_failure_of_the_last_save_raises_at_the_end_of_fit(tmp_path, monkeypatch):
+    directory = str(tmp_path / "ck")
+    spy = Publishes(monkeypatch, fail_on="epoch=003")
+    with pytest.raises(SaveError, match=r"could not save epoch=003-step=16\.pdparams .*No space left on device"):
+        fit(directory, 4, monitor=None, top_k=-1, async_save=True)
+
+    assert [thread.startswith("checkpoint_hooks-save") for thread, files in spy.calls if files[0].startswith("epoch=003")] == [True]
+    # Nothing of the failed save is visible; the earlier ones are committed and intact.
+    assert [r["epoch"] for r in manifest_records(directory)] == [0, 1, 2]
+    assert not [name for name in listing(directory) if name.startswith(("epoch=003", ".checkpoint_hooks-staging"))]
+    verifies(directory)
+    # The fit released the directory: the next one resumes from epoch 2.
+    spy.fail_on = None
+    callback, recorder, _ = fit(directory, 4, monitor=None, top_k=-1, async_save=True)
+    assert callback.resumed_from is not None and callback.resumed_from.epoch == 2
+    assert recorder.trained == [3]
+
+
+def test_a_background_failure_raises_at_the_next_save(tmp_path, monkeypatch):
+    directory = str(tmp_path / "ck")
+    Publishes(monkeypatch, fail_on="epoch=001")
+    recorder = Recorder()
+    with pytest.raises(SaveError, match=r"could not save epoch=001-step=8\.pdparams"):
+        fit(directory, 5, recorder, monitor=None, top_k=-1, async_save=True)
+
+    # Epoch 1 is saved (in the background) while epoch 2 trains; epoch 2's save finds the failure.
+    assert recorder.trained == [0, 1, 2]
+    assert [r["epoch"] for r in manifest_records(directory)] == [0]
+    verifies(directory)
+
+
+def test_a_background_failure_only_warns_with_on_save_error_warn(tmp_path, monkeypatch, caplog):
+    directory = str(tmp_path / "ck")
+    Publishes(monkeypatch, fail_on="epoch=001")
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        callback, recorder, _ = fit(directory, 4, monitor=None, top_k=-1, async_save=True, on_save_error="warn")
+
+    assert recorder.trained == [0, 1, 2, 3]
+    assert "could not save epoch=001-step=8.pdparams" in caplog.text and "training goes on" in caplog.text
+    assert [r["epoch"] for r in manifest_records(directory)] == [0, 2, 3]
+    assert os.path.basename(callback.last_model_path) == "epoch=003-step=16.pdparams"
+    verifies(directory)
+
+
+def test_an_exception_waits_for_the_save_in_flight_then_saves_a_preempted_state(tmp_path, monkeypatch):
+    directory = str(tmp_path / "ck")
+    spy = Publishes(monkeypatch, delay=0.3)  # the epoch 1 save is still in flight when epoch 2 fails
+
+    class FailIn(paddle.callbacks.Callback):
+        """Raises in the second batch of epoch 2."""
+
+        epoch = -1
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, step: int, logs: Any = None) -> None:
+            if self.epoch == 2 and step == 1:
+                raise RuntimeError("data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        fit(directory, 5, FailIn(), monitor=None, top_k=-1, async_save=True)
+
+    records = manifest_records(directory)
+    assert [(r["epoch"], r["tags"]) for r in records[:2]] == [(0, ["best"]), (1, ["best"])]
+    assert records[-1]["name"] == "preempted-epoch=002-step=9" and records[-1]["tags"] == ["last", "preempted"]
+    assert spy.calls[-1][0] == "MainThread"  # the save on preemption ran in the foreground
+    verifies(directory)
+    # Released: a new fit resumes from the preempted state.
+    callback, _, _ = fit(directory, 5, monitor=None, top_k=-1)
+    assert callback.resumed_from is not None and callback.resumed_from.name == "preempted-epoch=002-step=9"

@@ -1,0 +1,50 @@
+"""Shared by the framework suites: a spy on the real local store, and a check that a directory verifies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+from checkpoint_hooks.core import CheckpointDirectory
+from checkpoint_hooks.core.store import LocalStore
+
+
+class Publishes:
+    """Wraps LocalStore.publish: records the thread and the files of every call; can fail or delay some."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None, delay: float = 0.0) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.fail_on = fail_on
+        self.delay = delay
+        real = LocalStore.publish
+
+        def publish(store: LocalStore, staging_dir: str, relpaths: list[str]) -> None:
+            self.calls.append((threading.current_thread().name, list(relpaths)))
+            time.sleep(self.delay)
+            if self.fail_on is not None and any(rel.startswith(self.fail_on) for rel in relpaths):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(store, staging_dir, relpaths)
+
+        monkeypatch.setattr(LocalStore, "publish", publish)
+
+    def in_worker(self) -> list[bool]:
+        """For each call, whether the background save's worker made it."""
+        return [thread.startswith("checkpoint_hooks-save") for thread, _files in self.calls]
+
+    @property
+    def threads(self) -> set[str]:
+        """"main" or "worker" for each call's thread."""
+        return {"main" if t == "MainThread" else "worker" if t.startswith("checkpoint_hooks-save") else t for t, _ in self.calls}
+
+
+def verifies(directory: str | os.PathLike[str]) -> None:
+    """Every committed file of the directory is there with its size and checksum."""
+    index = CheckpointDirectory(os.fspath(directory))
+    manifest = index.read_manifest()
+    assert manifest is not None
+    for record in manifest.records:
+        assert index.verify_record(record) == [], record.name
