@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -115,6 +116,7 @@ class Engine:
     _retained_in_full: bool = field(init=False, default=False)  # see _retention_candidates
     # Fit start from the head: the full index is parsed when first needed (the first save, at the latest at close).
     _head: Head | None = field(init=False, default=None)
+    _opening: threading.RLock = field(init=False, default_factory=threading.RLock)
     _clean_pending: bool = field(init=False, default=False)
     _adopt_pending: Record | None = field(init=False, default=None)
 
@@ -135,7 +137,9 @@ class Engine:
     def manifest(self) -> Manifest:
         """The directory's index (waits for it when fit start read only the head)."""
         if self._head is not None:
-            self._finish_open()
+            with self._opening:  # the training thread and a background save may both ask first
+                if self._head is not None:
+                    self._finish_open()
         return self._manifest
 
     @manifest.setter
