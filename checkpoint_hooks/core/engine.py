@@ -590,6 +590,7 @@ class Engine:
 
     def _submit(self, plan: Plan, write: Writer, cleanup: Callable[[], Any] | None = None) -> None:
         """Run `_save_now` in the single worker thread; `cleanup` runs after it, whatever happens."""
+
         def run() -> list[Record]:
             try:
                 return self._save_now(plan, write)
@@ -597,13 +598,9 @@ class Engine:
                 if cleanup is not None:
                     cleanup()
 
-        self._inflight = self._executor().submit(run)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        """The one worker thread of the background saves."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
-        return self._worker
+        self._inflight = self._worker.submit(run)
 
     def wait(self) -> None:
         """Wait for the background save in flight, if any, and raise its error."""

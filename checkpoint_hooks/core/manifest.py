@@ -87,9 +87,6 @@ class Manifest:
             for record in sorted(records, key=lambda r: r.seq):
                 self.put(record)
 
-    def __len__(self) -> int:
-        return len(self._by_name)
-
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
