@@ -406,7 +406,10 @@ class Engine:
         return None
 
     def local_path(self, record: Record) -> str:
-        """A local path of the record's primary file for a framework to load (downloaded for remote stores)."""
+        """A local path of the record's primary file for a framework to load (downloaded for remote stores).
+
+        A download lives until the first epoch end (the framework has loaded it by then) or `close`.
+        """
         assert self.store is not None
         if self.store.is_local:
             return self.path_of(record)
@@ -418,6 +421,12 @@ class Engine:
             with self.store.local_path(entry.path) as downloaded:
                 shutil.copyfile(downloaded, target)
         return os.path.join(tmp, *record.primary_path.split("/"))
+
+    def _drop_downloads(self) -> None:
+        """Remove the local copies `local_path` downloaded: a crash later in a long run would leave them."""
+        for tmp in self._materialized:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._materialized.clear()
 
     # -- epoch end --------------------------------------------------------------------
 
@@ -438,6 +447,7 @@ class Engine:
     def plan(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> Plan:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
         self.wait()  # retention decides on what is committed, including a save still in flight
+        self._drop_downloads()
         values = self._observe(epoch, step, metrics)
         roles = retention.plan_save(self.policy, self.manifest.holders(self.run, BEST), epoch, self.monitored_value(values))
         if not roles:
@@ -463,6 +473,7 @@ class Engine:
         `mid_epoch` says whether that epoch had finished.
         """
         self.wait()
+        self._drop_downloads()
         values = clean_metrics(metrics)
         roles = frozenset({LAST, PREEMPTED} if preempted else {LAST})
         template = PREEMPTED_TEMPLATE if preempted else LAST_TEMPLATE
@@ -835,9 +846,7 @@ class Engine:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        for tmp in self._materialized:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._materialized.clear()
+        self._drop_downloads()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -173,3 +173,18 @@ def test_after_a_clean_end_the_directory_is_not_walked(tmp_path, monkeypatch):
     assert again.start().epoch == 0
     assert walked == []
     again.close()
+
+
+def test_a_resume_download_is_removed_at_the_first_epoch_end(tmp_path):
+    url = f"memory://{tmp_path.name}/downloads"
+    first = Engine(CheckpointPolicy(dirpath=url), extensions=EXT)
+    first.start()
+    first.save(0, 1, {}, writer)
+    first.close()
+    engine = Engine(CheckpointPolicy(dirpath=url), extensions=EXT)
+    record = engine.start()
+    path = engine.local_path(record)  # what a framework loads
+    assert os.path.exists(path)
+    engine.plan(1, 2, {})
+    assert not os.path.exists(os.path.dirname(path))  # not left for a crash later in the run to leak
+    engine.close()
