@@ -195,7 +195,8 @@ class _EpochMean:
         loss = logs["loss"]
         values = loss if isinstance(loss, (list, tuple)) else [loss]
         try:
-            value = float(sum(float(np.asarray(v).sum()) for v in values))
+            # hapi logs Python floats: summed without numpy, which is most of a batch's cost here
+            value = float(sum(v if isinstance(v, float) else float(np.asarray(v).sum()) for v in values))
         except (TypeError, ValueError):
             return
         weight = float(logs.get("batch_size") or 1)
