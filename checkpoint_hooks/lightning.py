@@ -27,11 +27,10 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
-from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
+from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError, MonitorError
-from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.store import is_url
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
@@ -373,7 +372,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                         problems = engine.problems(record)
                         if not problems:
                             raise
-                        self._skip(engine, record, problems)
+                        engine.warn_skipped(record, problems)
                         continue
                 path = trainer.strategy.broadcast(path)
                 if not path:
@@ -391,17 +390,9 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                         engine.adopt(record)
                     return
                 if record is not None:
-                    self._skip(engine, record, problems)
+                    engine.warn_skipped(record, problems)
                 # the next load replaces everything; drop the bad one's tensors before it
                 trainer._checkpoint_connector._loaded_checkpoint = {}
-
-    @staticmethod
-    def _skip(engine: Engine, record: Record, problems: list[Problem]) -> None:
-        log.warning(
-            "skipping checkpoint %s for resume: %s; trying the previous one",
-            engine.path_of(record),
-            "; ".join(str(p) for p in problems),
-        )
 
     def _choose_resume(self, engine: Engine) -> str | None:
         """The checkpoint `resume` names (a path), or None for `resume="never"`."""

@@ -323,12 +323,16 @@ class Engine:
             problems = self.directory.verify_record(record, checksums=self.policy.verify)
             if not problems:
                 return record
-            log.warning(
-                "skipping checkpoint %s for resume: %s; trying the previous one",
-                self.path_of(record),
-                "; ".join(str(p) for p in problems),
-            )
+            self.warn_skipped(record, problems)
         return None
+
+    def warn_skipped(self, record: Record, problems: Sequence[Problem]) -> None:
+        """Say that `record` fails verification and resume goes on with the one before it."""
+        log.warning(
+            "skipping checkpoint %s for resume: %s; trying the previous one",
+            self.path_of(record),
+            "; ".join(str(p) for p in problems),
+        )
 
     def adopt(self, record: Record, discard_newer: bool = True) -> None:
         """Continue `record`'s run from it.

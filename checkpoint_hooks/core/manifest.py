@@ -270,25 +270,14 @@ class Head:
         if int(data.get("version", 0)) > VERSION or data.get("base") != xxhash.xxh3_64_hexdigest(base):
             raise ValueError("the head describes another base")
         self.base, self.journal = base, journal
-        self.policy: dict[str, Any] = dict(data.get("policy") or {})
         self.more = frozenset(data.get("more") or ())
-        self.journal_lines = 0
-        found = {r.name: r for r in (Record.from_json(r) for r in data.get("newest") or ())}
+        # the journal's changes applied to the listed records, as to the full index
+        newest = Manifest((Record.from_json(r) for r in data.get("newest") or ()), commit=int(data.get("commit") or 0))
         for change in read_journal(journal) if journal else []:
-            if change["commit"] <= int(data.get("commit") or 0):
-                continue
-            self.journal_lines += 1
-            for name in change.get("drop") or ():
-                found.pop(name, None)
-            for name, tags in (change.get("tags") or {}).items():
-                if name in found:
-                    found[name] = found[name].with_tags(frozenset(tags))
-            for added in change.get("add") or ():
-                record = Record.from_json(added)
-                found[record.name] = record
-            if "policy" in change:
-                self.policy = dict(change["policy"])
-        self.records = sorted(found.values(), key=lambda r: -r.seq)
+            if change["commit"] > newest.commit:
+                newest.apply(change)
+        self.journal_lines = newest.journal_lines
+        self.records = sorted(newest.records, key=lambda r: -r.seq)
 
 
 def journal_line(change: dict[str, Any]) -> bytes:
