@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +39,8 @@ log = logging.getLogger("checkpoint_hooks")
 TRAINING_STATE = "training_state"
 LAST_TEMPLATE = "last-epoch={epoch:03d}-step={step}"
 PREEMPTED_TEMPLATE = "preempted-epoch={epoch:03d}-step={step}"
+# The background save thread's nice value (Linux): it takes the CPU time training leaves idle.
+WORKER_NICENESS = 19
 
 
 @dataclass(frozen=True)
@@ -614,7 +617,9 @@ class Engine:
                     cleanup()
 
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-save")
+            self._worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="checkpoint_hooks-save", initializer=_lower_priority
+            )
         self._inflight = self._worker.submit(run)
 
     def wait(self) -> None:
@@ -863,3 +868,14 @@ def _files_below(folder: str) -> list[str]:
         for name in files:
             found.append(os.path.relpath(os.path.join(base, name), folder).replace(os.sep, "/"))
     return found
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at the lowest CPU priority, where threads have their own (Linux).
+
+    On two cores a save's pickling, hashing and bookkeeping otherwise take a core from the
+    framework's compute threads in the middle of an epoch. Threads it starts inherit it.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)

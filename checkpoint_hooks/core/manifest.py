@@ -317,7 +317,7 @@ def _decode_history(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def sidecar_bytes(record: Record) -> bytes:
-    return json.dumps(record.to_json(), indent=1, allow_nan=False).encode("utf-8")
+    return json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def record_from_sidecar(raw: bytes) -> Record | None:

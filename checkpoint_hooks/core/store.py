@@ -71,6 +71,18 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _remove_staging(path: str) -> None:
+    """Remove a staging folder; after a publish it holds only empty folders, which a few rmdir calls remove."""
+    try:
+        with os.scandir(path) as entries:
+            folders = [entry.path for entry in entries]
+        for folder in folders:
+            os.rmdir(folder)
+        os.rmdir(path)
+    except OSError:  # files or deeper folders left (a failed save): the full walk
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class LocalStore:
     """A directory on a local (or mounted) filesystem: temp name, fsync, rename."""
 
@@ -95,7 +107,8 @@ class LocalStore:
         return self._abs(relpath)
 
     def ensure(self) -> None:
-        os.makedirs(self.root, exist_ok=True)
+        if not os.path.isdir(self.root):  # one stat in the usual case; makedirs makes three calls
+            os.makedirs(self.root, exist_ok=True)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:
@@ -106,7 +119,7 @@ class LocalStore:
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_staging(path)
 
     def publish(self, staging_dir: str, relpaths: list[str]) -> None:
         directories = {self.root}
@@ -164,12 +177,13 @@ class LocalStore:
     def remove(self, relpath: str) -> None:
         path = self._abs(relpath)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+            os.unlink(path)
         except FileNotFoundError:
             return
+        except OSError:
+            if not (os.path.isdir(path) and not os.path.islink(path)):
+                raise
+            shutil.rmtree(path)
         # Drop directories the checkpoint created (e.g. an export folder's parents), never the root.
         parent = os.path.dirname(path)
         while parent != self.root and parent.startswith(self.root):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -398,3 +399,23 @@ def test_background_execute_writes_now_and_commits_in_the_worker(tmp_path, monke
         e.close()
     assert [r.epoch for r in e.manifest.records] == [0]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging-")]  # the staged files are gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have a nice value of their own on Linux")
+def test_the_background_worker_runs_at_the_lowest_cpu_priority(tmp_path):
+    import threading
+
+    e = engine(dirpath=str(tmp_path), top_k=1)
+    e.start()
+    seen = []
+
+    def write(item, state, path):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        with open(path, "wb") as f:
+            f.write(state)
+
+    e.execute_async(e.plan(0, 1, {"val_loss": 0.5}), lambda item: item.name.encode(), write)
+    e.close()
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the training thread keeps its own
+    assert e.directory.verify() == []
