@@ -21,11 +21,12 @@ rate and the random states. `Model.load(path)` loads it as it is (optimizers
 ignore keys that name none of their accumulators), and no file is added to what
 Model.save writes: every file costs a hash and an fsync at each save.
 
-`async_save=True`: the files are written on the training thread at the epoch end,
-as without it; hashing them, the fsyncs, the commit and pruning run in a
-background thread while the next epoch trains. The next save, the end of fit()
-and an exception wait for it, and its error surfaces there. Saves on preemption
-are always synchronous.
+`async_save=True`: at the epoch end the training thread only copies the state
+to host memory (numpy arrays, what paddle.save pickles); writing and hashing the
+files, the fsyncs, the commit and pruning run in a background thread while the
+next epoch trains (a `model` save is still exported on the training thread).
+The next save, the end of fit() and an exception wait for it, and its error
+surfaces there. Saves on preemption are always synchronous.
 
 Resume: `fit()` has no initial epoch, so with `resume="auto"` the callback lets
 `fit(epochs=N)` walk through the finished epochs without running them and
@@ -59,6 +60,7 @@ run. A warning says so when it happens.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -74,6 +76,7 @@ import numpy as np
 import paddle
 
 from checkpoint_hooks.core import Engine, MonitorError, Record, SaveItem
+from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.errors import CheckpointError
 from checkpoint_hooks.core.preemption import SigtermWatch
@@ -95,6 +98,7 @@ _NOT_METRICS = frozenset({"step", "batch_size"})
 _SHIM_MARK = "_checkpoint_hooks_shim"
 # paddle.save adds this table (structured -> unique parameter name) to every dict of tensors.
 _NAME_TABLE = "StructuredToParameterName@@"
+PICKLE_PROTOCOL = 4  # paddle.save's default
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,6 +125,54 @@ def _inference_extension() -> str:
 
 def _prefix(path: str, extension: str) -> str:
     return path.removesuffix(extension)
+
+
+def _holds_tensor(obj: Any) -> bool:
+    if isinstance(obj, paddle.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_tensor(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(value) for value in obj)
+    return False
+
+
+class _Serialized(bytes):
+    """The bytes of a file, serialized on the training thread."""
+
+
+def _host_copy(state: dict[str, Any]) -> Any:
+    """What `paddle.save(state, path)` would pickle now, with every tensor copied to host memory.
+
+    A state dict (tensors, and dicts without tensors) becomes paddle.save's own layout: numpy
+    copies plus the table of tensor names. Pickling it with protocol 4 later, on any thread,
+    writes the bytes paddle.save writes. Anything else is serialized by paddle.save here.
+    """
+    if all(isinstance(v, paddle.Tensor) or (isinstance(v, dict) and not _holds_tensor(v)) for v in state.values()):
+        copy: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        for key, value in state.items():
+            if isinstance(value, paddle.Tensor):
+                copy[key] = value.numpy()  # a copy: training goes on changing the tensor in place
+                names[key] = value.name
+            else:
+                copy[key] = value
+        copy[_NAME_TABLE] = names
+        return copy
+    buffer = io.BytesIO()
+    paddle.save(state, buffer)
+    return _Serialized(buffer.getvalue())
+
+
+def _save_files(item: SaveItem, files: Mapping[str, Any], path: str) -> None:
+    """Write the host copies of `_snapshot` beside `path` (a .pdparams), each hashed as it is written."""
+    prefix = _prefix(path, ".pdparams")
+    for suffix, copy in files.items():
+        with DurableFile(prefix + suffix) as f:
+            if isinstance(copy, _Serialized):
+                f.write(copy)
+            else:
+                pickle.dump(copy, f, protocol=PICKLE_PROTOCOL)
 
 
 def _releasing(method: F) -> F:
@@ -463,7 +515,11 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._settle()
         write = functools.partial(self._write, plan.epoch)
         if self.policy.async_save if background is None else background:
-            engine.execute(plan, write, background=True)
+            if all(item.format != "model" for item in plan.items):
+                # Only the copy of the state to host memory happens here; the files are written in the worker.
+                engine.execute_async(plan, functools.partial(self._snapshot, plan.epoch), _save_files)
+            else:
+                engine.execute(plan, write, background=True)  # paddle.jit.save runs here, the rest in the worker
             names = [item.name for item in plan.items if item.format == TRAINING_STATE]
             if names:
                 self._state_in_flight = (plan.step, names)
@@ -604,29 +660,36 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
             log.error("could not save a training state on preemption: %s", exc)
 
     def _write(self, epoch: int, item: SaveItem, path: str) -> None:
-        model = self._model
-        if item.format == "weights":
-            paddle.save(model.network.state_dict(), path)
-        elif item.format == "model":
-            network = model.network
-            training = network.training
-            network.eval()  # export inference behaviour (dropout off, batch norm statistics)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                model.save(_prefix(path, os.path.splitext(path)[1]), training=False)
-            finally:
-                if training:
-                    network.train()
-            if not os.path.exists(path):
-                raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
+        if item.format == "model":
+            self._write_model(path)
         else:
-            self._write_training_state(epoch, item, _prefix(path, ".pdparams"))
+            _save_files(item, self._snapshot(epoch, item), path)
 
-    def _write_training_state(self, epoch: int, item: SaveItem, prefix: str) -> None:
-        """The files of `Model.save(prefix, training=True)`, with this callback's state inside the .pdopt."""
+    def _write_model(self, path: str) -> None:
         model = self._model
         network = model.network
-        paddle.save(network.state_dict(), prefix + ".pdparams")
+        training = network.training
+        network.eval()  # export inference behaviour (dropout off, batch norm statistics)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            model.save(_prefix(path, os.path.splitext(path)[1]), training=False)
+        finally:
+            if training:
+                network.train()
+        if not os.path.exists(path):
+            raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
+
+    def _snapshot(self, epoch: int, item: SaveItem) -> dict[str, Any]:
+        """The files of a `weights` or `training_state` item as {suffix: host copy of what paddle.save pickles}.
+
+        A training_state is what `Model.save(prefix, training=True)` writes, with this callback's
+        state inside the .pdopt. Nothing in the result shares memory with the live tensors.
+        """
+        model = self._model
+        network = model.network
+        files = {".pdparams": _host_copy(network.state_dict())}
+        if item.format == "weights":
+            return files
         optimizer = model._optimizer
         learning_rate = None
         if optimizer is not None and not isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler):
@@ -651,12 +714,13 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 protocol=pickle.HIGHEST_PROTOCOL,
             ),
         }
-        paddle.save(optimizer_state, prefix + ".pdopt")
+        files[".pdopt"] = _host_copy(optimizer_state)
         scaler = getattr(model, "_scaler", None)
         if scaler is not None:
             scaler_state = scaler.state_dict()
             if scaler_state:
-                paddle.save(scaler_state, prefix + ".pdscaler")
+                files[".pdscaler"] = _host_copy(scaler_state)
+        return files
 
     # -- resume -----------------------------------------------------------------------
 

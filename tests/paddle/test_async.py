@@ -1,17 +1,19 @@
-"""async_save through real Paddle fits: files written at the epoch end, the rest of the save in the background."""
+"""async_save through real Paddle fits: the state copied at the epoch end, the files written in the background."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import numpy as np
 import paddle
 import pytest
 
-from checkpoint_hooks.core import SaveError
-from checkpoint_hooks.paddle import BestCheckpoint
+from checkpoint_hooks.core import SaveError, SaveItem
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_copy, _save_files
 from tests.paddle.toy import (
     VAL_OFFSETS,
     Recorder,
@@ -137,3 +139,59 @@ def test_an_exception_waits_for_the_save_in_flight_then_saves_a_preempted_state(
     # Released: a new fit resumes from the preempted state.
     callback, _, _ = fit(directory, 5, monitor=None, top_k=-1)
     assert callback.resumed_from is not None and callback.resumed_from.name == "preempted-epoch=002-step=9"
+
+
+def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp_path, monkeypatch):
+    """The worker writes each save's files well after the next epoch started changing the tensors in place."""
+    import checkpoint_hooks.paddle as adapter
+
+    real = adapter._save_files
+    threads = []
+
+    def late_save_files(*args: Any) -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)
+        real(*args)
+
+    monkeypatch.setattr(adapter, "_save_files", late_save_files)
+    fit(str(tmp_path / "sync"), 4, monitor=None, top_k=-1)
+    assert threads == ["MainThread"] * 4
+    threads.clear()
+    _, recorder, _ = fit(str(tmp_path / "async"), 4, monitor=None, top_k=-1, async_save=True)
+
+    assert recorder.trained == [0, 1, 2, 3] and len(threads) == 4
+    assert all(name.startswith("checkpoint_hooks-save") for name in threads)
+    names = [r["name"] for r in manifest_records(str(tmp_path / "sync"))]
+    assert names == [r["name"] for r in manifest_records(str(tmp_path / "async"))] and len(names) == 4
+    for name in names:
+        for suffix in (".pdparams", ".pdopt"):
+            sync = paddle.load(str(tmp_path / "sync" / (name + suffix)), return_numpy=True)
+            background = paddle.load(str(tmp_path / "async" / (name + suffix)), return_numpy=True)
+            sync_arrays = [v for k, v in sync.items() if isinstance(v, np.ndarray)]
+            background_arrays = [v for k, v in background.items() if isinstance(v, np.ndarray)]
+            assert len(sync_arrays) == len(background_arrays) > 0
+            assert all(np.array_equal(a, b) for a, b in zip(sync_arrays, background_arrays, strict=True)), name + suffix
+            if suffix == ".pdopt":
+                assert sync[STATE_KEY]["global_step"] == background[STATE_KEY]["global_step"]
+    verifies(str(tmp_path / "async"))
+
+
+@pytest.mark.parametrize("kind", ["network", "optimizer", "nested"])
+def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, kind):
+    model = regression_model(0)
+    model.fit(Regression(), batch_size=8, epochs=1, verbose=0, shuffle=False)
+    network, optimizer = model.network, model._optimizer
+    state: Any = {
+        "network": network.state_dict(),
+        "optimizer": {**optimizer.state_dict(), STATE_KEY: {"epoch": 0, "names": {"a": "b"}, "rng": b"\x00"}},
+        # not a state dict for paddle.save (tensors below the first level): serialized at once
+        "nested": {"layers": {"w": network.parameters()[0]}, "step": 3},
+    }[kind]
+    paddle.save(state, str(tmp_path / "paddle.save"))
+    copy = _host_copy(state)
+    with paddle.no_grad():  # training goes on: the copy keeps the values it was taken with
+        for parameter in network.parameters():
+            parameter.set_value(parameter + 1.0)
+    item = SaveItem(name="x", format="weights", roles=frozenset(), filename="x.pdparams")
+    _save_files(item, {".pdparams": copy}, str(tmp_path / "ours.pdparams"))
+    assert (tmp_path / "ours.pdparams").read_bytes() == (tmp_path / "paddle.save").read_bytes()
