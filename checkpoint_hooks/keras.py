@@ -37,11 +37,14 @@ inside it, as one more member of its zip archive (`checkpoint_hooks.json`), whic
 `keras.saving.load_model` and `load_weights` pass over: every file beside it
 would cost a hash and an fsync at each save.
 
-`async_save=True`: the files are written on the training thread at the epoch end,
-as without it; hashing them, the fsyncs, the commit and pruning run in a
-background thread while the next epoch trains. The next save and the end of
-fit() wait for it, and its error surfaces there. Saves on preemption, and saves
-of a new best model with `export_best`, are synchronous.
+`async_save=True`: at the epoch end the training thread only copies what the save
+writes (the config, and every variable Keras's own saving walk visits) to host
+memory; a background thread writes the `.keras` or `.weights.h5` file, hashes it,
+fsyncs, commits and prunes while the next epoch trains (see
+`checkpoint_hooks.keras_snapshot`; legacy `.h5` files are still written on the
+training thread). The next save and the end of fit() wait for it, and its error
+surfaces there. Saves on preemption, and saves of a new best model with
+`export_best`, are synchronous.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from checkpoint_hooks import keras_snapshot
 from checkpoint_hooks.core import CheckpointError, CorruptCheckpointError, Engine, Record, SaveError, SaveItem
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.preemption import SigtermWatch
@@ -641,7 +645,10 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         step = self._step()
         plan = engine.plan_training_state(self._epoch, step, self._last_logs, mid_epoch=mid_epoch, preempted=preempted)
         self._saving = (self._epoch, step)
-        engine.execute(plan, self._write, background=engine.policy.async_save and not preempted)
+        if engine.policy.async_save and not preempted:
+            self._execute_in_background(engine, plan)
+        else:
+            engine.execute(plan, self._write)
 
     def _stop_for_preemption(self, *, mid_epoch: bool) -> None:
         """Save a preempted training state, stop training, then let SIGTERM end the process as it would have."""
@@ -705,7 +712,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         if engine.policy.async_save and not (self._export and any(BEST in item.roles for item in plan.items)):
             # The worker changes the engine's index while it commits: the best is settled before it starts.
             best_after = self._or_threshold(self._ranked_first(committed, plan))
-            engine.execute(plan, self._write, background=True)
+            self._execute_in_background(engine, plan)
             assert engine.store is not None
             saved = [(item.roles, engine.store.join(item.filename)) for item in plan.items]
             self.best = best_after
@@ -755,22 +762,46 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
                     compile_config.config = kept
         else:
             model.save(path, overwrite=True)
+        if keras_snapshot.available():
+            keras_snapshot.keep_skipsets()  # the next save skips rebuilding them (a Keras defect, see there)
         if item.format in self._resumable:
-            epoch, step = self._saving
-            state = {
-                "format": _STATE_FORMAT,
-                "epoch": epoch,
-                "step": step,
-                "mid_epoch": item.mid_epoch,
-                **({"epoch_batches": self._epoch_batches} if item.mid_epoch else {}),
-                "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_variables(model)],
-                **_backend_rng_state(),
-                "keras_version": keras.__version__,
-                "backend": keras.backend.backend(),
-            }
             # One more member of the .keras zip (its central directory is rewritten after it), not one more file.
             with zipfile.ZipFile(path, "a") as archive:
-                archive.writestr(STATE_MEMBER, json.dumps(state))
+                archive.writestr(STATE_MEMBER, self._resume_state(item))
+
+    def _resume_state(self, item: SaveItem) -> str:
+        """The `checkpoint_hooks.json` member of a resumable .keras: epoch, step and random states, as of now."""
+        epoch, step = self._saving
+        state = {
+            "format": _STATE_FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "mid_epoch": item.mid_epoch,
+            **({"epoch_batches": self._epoch_batches} if item.mid_epoch else {}),
+            "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_variables(self.model)],
+            **_backend_rng_state(),
+            "keras_version": keras.__version__,
+            "backend": keras.backend.backend(),
+        }
+        return json.dumps(state)
+
+    def _execute_in_background(self, engine: Engine, plan: Plan) -> None:
+        """async_save: copy the state to host memory here; the worker writes the files and commits them.
+
+        Legacy .h5 files, or a Keras without the saving functions a snapshot reuses, are
+        written here instead, and only their hashing, fsync and commit run in the worker.
+        """
+        if keras_snapshot.available() and not any(self._extensions[item.format] == LEGACY_EXT for item in plan.items):
+            engine.execute_async(plan, self._snapshot, lambda item, snapshot, path: snapshot.write(path))
+        else:
+            engine.execute(plan, self._write, background=True)
+
+    def _snapshot(self, item: SaveItem) -> keras_snapshot.Snapshot:
+        """What `_write` writes for `item`, held in memory."""
+        snapshot = keras_snapshot.take(self.model, archive=item.format != "weights")
+        if item.format in self._resumable:
+            snapshot.members[STATE_MEMBER] = self._resume_state(item).encode()
+        return snapshot
 
     def _report(self, epoch: int, plan: Plan, saved: list[tuple[frozenset[str], str]], previous_best: Any) -> None:
         """ModelCheckpoint's verbose messages, on the checkpoint_hooks logger."""

@@ -130,7 +130,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     resume: str = Field(default="auto", description="auto resumes from the newest verified training_state in dirpath; never starts fresh; or a checkpoint path to resume from.")
     async_save: bool = Field(
         default=False,
-        description="Hash, commit and prune in a background worker, one save in flight at most. Lightning: training waits only for a copy of the state in host memory; Keras and Paddle: for the framework's own write of the files.",
+        description="Write, hash, commit and prune in a background worker, one save in flight at most: training waits only for a copy of the state in host memory (Paddle model exports and Keras legacy .h5 files are still written by the training thread).",
     )
     verify: bool = Field(default=True, description="Record a checksum for every file and verify it before resuming from it.")
     on_save_error: Literal["raise", "warn"] = Field(

@@ -1,15 +1,18 @@
-"""async_save through real Keras fits: files written at the epoch end, the rest of the save in the background."""
+"""async_save through real Keras fits: the state copied at the epoch end, the files written in the background."""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import keras
 import pytest
 
+from checkpoint_hooks import keras_snapshot
 from checkpoint_hooks.core import SaveError
 from checkpoint_hooks.keras import BestCheckpoint
 from tests.index import read_index
@@ -145,3 +148,47 @@ def test_a_failing_step_waits_for_the_save_in_flight_then_saves_a_preempted_stat
     with open(tmp_path / ".checkpoint_hooks.lock", "rb") as f:  # released: another fit can take it
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a copy of the state is taken at the epoch end; the worker writes each file well after it."""
+    real = keras_snapshot.Snapshot.write
+    threads: list[str] = []
+
+    def late_write(snapshot: keras_snapshot.Snapshot, path: str) -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        real(snapshot, path)
+
+    monkeypatch.setattr(keras_snapshot.Snapshot, "write", late_write)
+    states = Snapshot()
+    ours = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="e{epoch}", top_k=-1, async_save=True)
+    fit(make_model(), [Script(VAL), ours, states], epochs=4)
+
+    assert len(threads) == 4 and all(name.startswith("checkpoint_hooks-save") for name in threads)
+    assert [name for name, *_ in records(tmp_path)] == ["e1", "e2", "e3", "e4"]
+    for epoch in range(4):
+        path = str(tmp_path / f"e{epoch + 1}.keras")
+        loaded = keras.saving.load_model(path)
+        assert weights_equal(loaded.get_weights(), states.weights[epoch]), path
+        assert int(loaded.optimizer.iterations.numpy()) == 4 * (epoch + 1)
+        assert saved_state(path)["epoch"] == epoch
+    verifies(tmp_path)
+
+
+def test_async_weights_files_are_written_in_the_worker(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Publishes(monkeypatch)
+    states = Snapshot()
+    ours = BestCheckpoint(
+        monitor="val_loss", dirpath=str(tmp_path), filename="e{epoch}", format="weights", last=False, async_save=True
+    )
+    fit(make_model(), [Script(VAL), ours, states], epochs=4)
+
+    assert spy.in_worker() == [True] * 3  # epochs 1, 2 and 4 are new bests
+    assert [name for name, *_ in records(tmp_path)] == ["e4"]
+    model = make_model(seed=1)
+    model.load_weights(str(tmp_path / "e4.weights.h5"))
+    assert weights_equal(model.get_weights(), states.weights[3])
+    verifies(tmp_path)
