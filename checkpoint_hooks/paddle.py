@@ -68,6 +68,7 @@ import pickle
 import random
 import signal
 from collections.abc import Callable, Iterator, Mapping
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,7 +146,7 @@ def _host_copy(state: dict[str, Any]) -> Any:
     """What `paddle.save(state, path)` would pickle now, with every tensor copied to host memory.
 
     A state dict (tensors, and dicts without tensors) becomes paddle.save's own layout: numpy
-    copies plus the table of tensor names. Pickling it with protocol 4 later, on any thread,
+    copies of the tensors, copies of the dicts, and the table of tensor names. Pickling it with protocol 4 later, on any thread,
     writes the bytes paddle.save writes. Anything else is serialized by paddle.save here.
     """
     if all(isinstance(v, paddle.Tensor) or (isinstance(v, dict) and not _holds_tensor(v)) for v in state.values()):
@@ -156,7 +157,7 @@ def _host_copy(state: dict[str, Any]) -> Any:
                 copy[key] = value.numpy()  # a copy: training goes on changing the tensor in place
                 names[key] = value.name
             else:
-                copy[key] = value
+                copy[key] = deepcopy(value)  # e.g. the LR scheduler's state, which its next step changes
         copy[_NAME_TABLE] = names
         return copy
     buffer = io.BytesIO()
