@@ -82,7 +82,9 @@ def test_cli_reports_a_bad_policy_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "checkpoint_hooks.cli", "policy", "check", str(path)],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {path}:2: top_k must be -1 (keep all), 0 (keep none) or a positive count. Received: top_k=-3".replace("-3", "-5")
+    assert proc.stderr.strip() == (
+        f"error: {path}:2: top_k must be -1 (keep all), 0 (keep none) or a positive count. Received: top_k=-5"
+    )
 
 
 # -- arguments and runtime input in a real Lightning fit ------------------------------------
