@@ -12,9 +12,9 @@ from typing import Any
 import keras
 import pytest
 
-from checkpoint_hooks import keras_snapshot
 from checkpoint_hooks.core import SaveError
 from checkpoint_hooks.keras import BestCheckpoint
+from checkpoint_hooks.keras import snapshot as keras_snapshot
 from tests.index import read_index
 from tests.keras.helpers import FailAt, Script, Snapshot, data, listing, make_model, saved_state, weights_equal
 from tests.spies import Publishes, verifies

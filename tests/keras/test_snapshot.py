@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from checkpoint_hooks import keras_snapshot
+from checkpoint_hooks.keras import snapshot as keras_snapshot
 from tests.keras.helpers import data, make_model
 
 H5 = "model.weights.h5"

@@ -41,7 +41,7 @@ would cost a hash and an fsync at each save.
 writes (the config, and every variable Keras's own saving walk visits) to host
 memory; a background thread writes the `.keras` or `.weights.h5` file, hashes it,
 fsyncs, commits and prunes while the next epoch trains (see
-`checkpoint_hooks.keras_snapshot`; legacy `.h5` files are still written on the
+`checkpoint_hooks.keras.snapshot`; legacy `.h5` files are still written on the
 training thread). The next save and the end of fit() wait for it, and its error
 surfaces there. Saves on preemption, and saves of a new best model with
 `export_best`, are synchronous.
@@ -68,13 +68,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from checkpoint_hooks import keras_snapshot
 from checkpoint_hooks.core import CheckpointError, CorruptCheckpointError, Engine, Record, SaveError, SaveItem
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import BEST
 from checkpoint_hooks.core.retention import is_better
 from checkpoint_hooks.core.store import STAGING_PREFIX, is_url
+from checkpoint_hooks.keras import snapshot as keras_snapshot
 from checkpoint_hooks.policy import (
     CheckpointPolicy,
     PolicyError,
