@@ -65,7 +65,8 @@ class _Recorder(saving_lib.H5IOStore if saving_lib is not None else object):  # 
     """Takes the place of a writing H5IOStore in Keras's walk: keeps each entry's values as numpy copies.
 
     It opens no file. The walk calls `make(path, metadata)` for every saveable, then
-    `store[key] = variable` for each of its variables, in the order they are written.
+    `store[key] = variable` for each of its variables, in the order they are written. It is
+    write-only: the reading side of H5IOStore is not there.
     """
 
     def __init__(self) -> None:  # no h5 file: nothing of H5IOStore.__init__ applies
@@ -77,8 +78,6 @@ class _Recorder(saving_lib.H5IOStore if saving_lib is not None else object):  # 
         return True
 
     def make(self, path: str, metadata: dict[str, Any] | None = None) -> _Recorder:
-        if not isinstance(metadata, (dict, type(None))):
-            raise ValueError(f"`metadata` should be a dict or `None`. Received: {metadata}")
         self._values = []
         self.entries.append((path, dict(metadata) if metadata else None, self._values))
         return self
@@ -86,21 +85,6 @@ class _Recorder(saving_lib.H5IOStore if saving_lib is not None else object):  # 
     def __setitem__(self, key: str, value: Any) -> None:
         # A copy: some backends hand out numpy views of the live variable.
         self._values.append((key, np.array(backend.convert_to_numpy(value), copy=True)))
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def keys(self) -> list[str]:
-        return [key for key, _ in self._values]
-
-    def __contains__(self, key: object) -> bool:
-        return any(k == key for k, _ in self._values)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        for k, value in self._values:
-            if k == key:
-                return value
-        raise KeyError(key)
 
     def close(self) -> None:
         pass
