@@ -26,10 +26,11 @@ files and a short pause after each, untimed, so no variant pays for another one'
 
 Target: engine / torch.save <= 1.10 (median of each variant). The engine's time is broken down
 into write, hash, fsync_wait, fsync, rename, manifest and other, measured by wrapping the functions
-the engine calls (its writer, `checksum_file` (a lookup when a DurableFile wrote the file, a
-read-back otherwise), `durable.syncing` (the wait for the fsync that runs beside the hash, once the
-hash is done), `_fsync_path` on files, `LocalStore.publish`, `CheckpointDirectory.commit` /
-`commit_change`); each part is exclusive of the parts inside it.
+the engine calls (its writer, which for a DurableFile includes the fsync it makes as it closes;
+`take_written` (the checksum a DurableFile computed) and `checksum_file` (a read-back);
+`durable.syncing` (the wait for the fsync that runs beside a read-back, once it is done);
+`_fsync_path` on files, `LocalStore.publish`, `CheckpointDirectory.commit` / `commit_change`);
+each part is exclusive of the parts inside it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Parts:
 
 
 def instrument(parts: Parts) -> None:
+    engine_module.take_written = parts.wrap("hash", engine_module.take_written)  # type: ignore[assignment]
     engine_module.checksum_file = parts.wrap("hash", engine_module.checksum_file)  # type: ignore[assignment]
     original_syncing = durable_module.syncing
 

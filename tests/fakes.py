@@ -7,7 +7,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import IO
 
 
@@ -31,7 +31,7 @@ class FakeStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+    def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
         for rel in relpaths:
             if self.fail_publish_after is not None:
                 if self.fail_publish_after == 0:

@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Collection
 
 import pytest
 
@@ -22,12 +23,12 @@ class Publishes:
         self.delay = delay
         real = LocalStore.publish
 
-        def publish(store: LocalStore, staging_dir: str, relpaths: list[str]) -> None:
+        def publish(store: LocalStore, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
             self.calls.append((threading.current_thread().name, list(relpaths)))
             time.sleep(self.delay)
             if self.fail_on is not None and any(rel.startswith(self.fail_on) for rel in relpaths):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real(store, staging_dir, relpaths)
+            real(store, staging_dir, relpaths, synced)
 
         monkeypatch.setattr(LocalStore, "publish", publish)
 

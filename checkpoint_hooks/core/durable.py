@@ -11,9 +11,12 @@ This module hides most of it:
   and the final fsync only flushes a short tail. Only bytes written in order are hashed this
   way: a seek elsewhere, a truncate or a `fileno()` (the writer may write behind our back)
   and the file is read back as for any writer.
-* `writeback_during(folder)`: for any other writer, the writeback of what grows in the folder
-  starts while the writer runs. Its bytes are not hashed on the way: a writer may seek back and
-  patch what it wrote (zipfile does), so only the final bytes, read back, give the checksum.
+* `saving_to_disk(folder)`: files written below the folder are headed for a local disk. A
+  DurableFile fsyncs itself before it closes, through the descriptor it holds, so publishing
+  it needs no second open and fsync. For any other writer, the writeback of what grows in the
+  folder starts while the writer runs. Its bytes are not hashed on the way: a writer may seek
+  back and patch what it wrote (zipfile does), so only the final bytes, read back, give the
+  checksum.
 * `syncing(path)`: a large file is fsynced on a helper thread while it is hashed.
 
 Starting writeback early (sync_file_range, Linux) changes nothing about what is durable: the
@@ -78,6 +81,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 _open_lock = threading.Lock()
 _open_paths: set[str] = set()  # DurableFiles being written: they start their own writeback
+_disk_folders: list[str] = []  # folders of `saving_to_disk` blocks running now, each ending with a separator
 
 
 class DurableFile(io.RawIOBase):
@@ -106,6 +110,7 @@ class DurableFile(io.RawIOBase):
         self._in_order = True  # False once bytes may have changed behind the hash (then it is read back)
         with _open_lock:
             _open_paths.add(self.path)
+            self._sync = any(self.path.startswith(folder) for folder in _disk_folders)
 
     # io.RawIOBase
 
@@ -219,10 +224,12 @@ class DurableFile(io.RawIOBase):
             if self._fd >= 0:
                 try:
                     self._drain()
+                    if remember and self._sync:
+                        os.fsync(self._fd)  # its error fails the writer, and so the save
                     st = os.fstat(self._fd)
                     if remember and self._in_order and st.st_size == self._position:
                         checksum = f"{self._algorithm}:{self._hasher.hexdigest()}"
-                        hashing.remember_written(self.path, checksum, self._position, st)
+                        hashing.remember_written(self.path, checksum, self._position, st, synced=self._sync)
                 finally:
                     with _open_lock:
                         _open_paths.discard(self.path)
@@ -234,6 +241,19 @@ class DurableFile(io.RawIOBase):
         finally:
             self._gathered = bytearray()
             super().close()
+
+
+def write_file(path: str, data: bytes, sync: bool) -> None:
+    """Write a small file in one system call, fsynced when `sync` (before the descriptor closes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def forget(folder: str) -> None:
@@ -350,6 +370,7 @@ _watcher = _Watcher() if _sync_file_range is not None else None
 def _after_fork_in_child() -> None:
     global _open_lock
     _open_lock = threading.Lock()
+    _disk_folders.clear()  # the parent's saves: not this process's
     if _watcher is not None:
         _watcher._reset()
 
@@ -359,16 +380,20 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def writeback_during(folder: str) -> Iterator[None]:
-    """Start the writeback of large files in `folder` while the block runs (a writer writing them)."""
-    if _watcher is None:
-        yield
-        return
-    watch = _watcher.add(folder)
+def saving_to_disk(folder: str) -> Iterator[None]:
+    """While the block runs, DurableFiles below `folder` fsync before they close, and large files of
+    other writers there start their writeback as they grow."""
+    prefix = os.path.join(os.path.abspath(folder), "")
+    with _open_lock:
+        _disk_folders.append(prefix)
+    watch = _watcher.add(folder) if _watcher is not None else None
     try:
         yield
     finally:
-        _watcher.remove(watch)
+        if watch is not None and _watcher is not None:
+            _watcher.remove(watch)
+        with _open_lock:
+            _disk_folders.remove(prefix)
 
 
 @contextlib.contextmanager

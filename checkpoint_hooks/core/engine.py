@@ -26,7 +26,7 @@ from typing import Any
 from checkpoint_hooks.core import durable, retention
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import MonitorError, SaveError
-from checkpoint_hooks.core.hashing import checksum_file
+from checkpoint_hooks.core.hashing import checksum_file, take_written
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import Head, Manifest, sidecar_bytes, sidecar_name
 from checkpoint_hooks.core.naming import format_name, unique_name
@@ -682,14 +682,14 @@ class Engine:
         with self.store.staging() as stage, contextlib.ExitStack() as cleanup:
             # checksums a DurableFile computed for files of this save that were never taken
             cleanup.callback(durable.forget, stage)
-            staged: list[tuple[str, list[str]]] = []
+            staged: list[tuple[str, list[str], list[str]]] = []  # folder, files, files already fsynced
             for index, item in enumerate(plan.items):
                 folder = os.path.join(stage, str(index))
                 os.mkdir(folder)
                 self._writing = item
                 try:
-                    # the disk starts writing what the writer writes before the fsync asks for it
-                    with durable.writeback_during(folder) if local else contextlib.nullcontext():
+                    # DurableFiles fsync as they close; the disk starts writing what other writers write
+                    with durable.saving_to_disk(folder) if local else contextlib.nullcontext():
                         write(item, os.path.join(folder, item.filename))
                 finally:
                     self._writing = None
@@ -699,11 +699,16 @@ class Engine:
                 # The file named after the item comes first: it is what a framework loads.
                 files.sort(key=lambda rel: (rel != item.filename, rel))
                 entries = []
+                synced = []
                 for rel in files:
                     path = os.path.join(folder, *rel.split("/"))
-                    if self.policy.verify:
-                        # Known already when a DurableFile wrote it, else read back; a large file is
-                        # fsynced meanwhile, which leaves publish's fsync nothing to wait for.
+                    written = take_written(path)  # what a DurableFile knew as it wrote the file
+                    if written is not None:
+                        checksum, size = written.checksum if self.policy.verify else None, written.size
+                        if written.synced:
+                            synced.append(rel)
+                    elif self.policy.verify:
+                        # Read back; a large file is fsynced meanwhile, which leaves publish's fsync nothing to wait for.
                         with durable.syncing(path) if local else contextlib.nullcontext():
                             checksum, size = checksum_file(path)
                     else:
@@ -724,17 +729,20 @@ class Engine:
                     mid_epoch=item.mid_epoch,
                 )
                 sidecar = sidecar_name(item.name)
-                with open(os.path.join(folder, sidecar), "wb") as f:
-                    f.write(sidecar_bytes(record))
-                staged.append((folder, [sidecar, *files]))
+                durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=local)
+                if local:
+                    synced.append(sidecar)
+                staged.append((folder, [sidecar, *files], synced))
                 records.append(record)
             # The sidecar goes first: a crash mid-publish leaves files that cleanup can find.
             try:
-                for folder, relpaths in staged:
-                    self.store.publish(folder, relpaths)
+                for folder, relpaths, synced in staged:
+                    self.store.publish(folder, relpaths, synced=synced)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)  # empty now: the staging folder then goes with one rmdir
             except BaseException:
                 # what a failed publish put in place is uncommitted: take it back now (the names are this save's)
-                for _folder, relpaths in staged:
+                for _folder, relpaths, _synced in staged:
                     for rel in relpaths:
                         with contextlib.suppress(Exception):
                             self.store.remove(rel)

@@ -3,6 +3,7 @@
 A file written through `durable.DurableFile` is hashed on its way to disk; its checksum is
 kept here (`remember_written`) and `checksum_file` returns it instead of reading the file
 back, as long as the file is still what was written (same inode, size and modification time).
+It also keeps whether the writer fsynced the file, so that publishing it needs no second fsync.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def checksum_file(path: str, algorithm: str = ALGORITHM) -> tuple[str, int]:
     """The checksum and size of the file at `path`: the one computed while it was written, or read back."""
     known = take_written(path, algorithm)
     if known is not None:
-        return known
+        return known.checksum, known.size
     with open(path, "rb", buffering=0) as stream:
         return checksum_stream(stream, algorithm)
 
@@ -84,27 +85,31 @@ def algorithm_of(checksum: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Written:
+class Written:
+    """What is known of a file a DurableFile wrote: its checksum and size, and whether it was fsynced."""
+
     path: str  # where it was written (it may have been renamed since)
     checksum: str
     size: int
     mtime_ns: int
+    synced: bool = False
 
 
 # By (device, inode): a file renamed after it was written (a staging step) is still found.
-_written: dict[tuple[int, int], _Written] = {}
+_written: dict[tuple[int, int], Written] = {}
 _written_lock = threading.Lock()
 
 
-def remember_written(path: str, checksum: str, size: int, st: os.stat_result) -> None:
+def remember_written(path: str, checksum: str, size: int, st: os.stat_result, synced: bool = False) -> None:
     """Keep the checksum of bytes just written (by `durable.DurableFile`) for `checksum_file`.
 
     Args:
         path: the file.
         checksum: the checksum of its `size` bytes, as written.
         st: the file's status once the last byte was written.
+        synced: whether those bytes were fsynced.
     """
-    entry = _Written(os.path.abspath(path), checksum, size, st.st_mtime_ns)
+    entry = Written(os.path.abspath(path), checksum, size, st.st_mtime_ns, synced)
     with _written_lock:
         _written.pop((st.st_dev, st.st_ino), None)
         _written[(st.st_dev, st.st_ino)] = entry
@@ -112,8 +117,8 @@ def remember_written(path: str, checksum: str, size: int, st: os.stat_result) ->
             del _written[next(iter(_written))]
 
 
-def take_written(path: str, algorithm: str = ALGORITHM) -> tuple[str, int] | None:
-    """The checksum remembered for the file at `path` when it still holds exactly what was written; else None.
+def take_written(path: str, algorithm: str = ALGORITHM) -> Written | None:
+    """What is remembered of the file at `path` when it still holds exactly what was written; else None.
 
     A write changes the file's modification time. Linux (6.13 and later on ext4, xfs, btrfs, tmpfs)
     makes a change that follows a stat() of the file get a fresh fine-grained time, so a later write
@@ -130,7 +135,7 @@ def take_written(path: str, algorithm: str = ALGORITHM) -> tuple[str, int] | Non
         return None
     if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
         return None  # written again or truncated after it was closed: read it back
-    return entry.checksum, entry.size
+    return entry
 
 
 def _after_fork_in_child() -> None:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import IO, Protocol
 
 STAGING_PREFIX = ".staging-"
@@ -33,8 +33,11 @@ class Store(Protocol):
     def staging(self) -> contextlib.AbstractContextManager[str]:
         """A local directory to write a checkpoint into; removed on exit whatever happens."""
 
-    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
-        """Move staged files to their final relative paths (atomically each)."""
+    def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
+        """Move staged files to their final relative paths (atomically each).
+
+        `synced` names those of `relpaths` their writer already fsynced, unchanged since.
+        """
 
     def read_bytes(self, relpath: str) -> bytes | None:
         """A file's bytes, or None when it does not exist."""
@@ -72,7 +75,12 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def _remove_staging(path: str) -> None:
-    """Remove a staging folder; after a publish it holds only empty folders, which a few rmdir calls remove."""
+    """Remove a staging folder; after a publish it is empty, or holds only empty folders."""
+    try:
+        os.rmdir(path)
+        return
+    except OSError:
+        pass
     try:
         with os.scandir(path) as entries:
             folders = [entry.path for entry in entries]
@@ -93,6 +101,7 @@ class LocalStore:
             path = path[len("file://") :]
         self.root = os.path.abspath(os.path.expanduser(path))
         self.url = self.root
+        self._appended: set[str] = set()  # files append_bytes wrote to (and fsynced the folder of, if it made them)
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
                 errno.ENOTDIR,
@@ -121,10 +130,11 @@ class LocalStore:
         finally:
             _remove_staging(path)
 
-    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+    def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
         directories = {self.root}
         for rel in relpaths:
-            _fsync_path(os.path.join(staging_dir, *rel.split("/")))
+            if rel not in synced:
+                _fsync_path(os.path.join(staging_dir, *rel.split("/")))
         for rel in relpaths:
             target = self._abs(rel)
             parent = os.path.dirname(target)
@@ -160,10 +170,17 @@ class LocalStore:
 
     def append_bytes(self, relpath: str, data: bytes) -> None:
         """Append and fsync: after a crash the file ends with all of `data`, a part of it, or none."""
-        self.ensure()
         path = self._abs(relpath)
-        created = not os.path.exists(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        fd = -1
+        if path in self._appended:  # appended to before: opened without a look first
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, flags)
+        created = False
+        if fd < 0:
+            self.ensure()
+            created = not os.path.exists(path)
+            fd = os.open(path, flags | os.O_CREAT, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -173,6 +190,7 @@ class LocalStore:
             os.close(fd)
         if created:
             _fsync_path(os.path.dirname(path), directory=True)
+        self._appended.add(path)
 
     def remove(self, relpath: str) -> None:
         path = self._abs(relpath)
@@ -262,7 +280,7 @@ class FsspecStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, staging_dir: str, relpaths: list[str]) -> None:
+    def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
         for rel in relpaths:
             self.fs.put_file(os.path.join(staging_dir, *rel.split("/")), self._abs(rel))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import zipfile
 
@@ -128,7 +129,7 @@ def test_a_writer_that_patches_through_the_file_gets_the_checksum_of_the_final_b
 
 
 @pytest.mark.parametrize("how", ["rewritten in place", "replaced"])
-def test_a_file_changed_after_its_durable_file_closed_is_read_back(tmp_path, reads, how):
+def test_a_file_changed_after_its_durable_file_closed_is_read_back_and_fsynced(tmp_path, reads, fsyncs, how):
     body = payload(5 * MiB)
 
     def write(item, path):
@@ -147,6 +148,8 @@ def test_a_file_changed_after_its_durable_file_closed_is_read_back(tmp_path, rea
     (record,) = e.save(0, 1, {}, write)
     assert len(reads) == 1
     assert record.files[0].checksum == on_disk(e, record) == in_order(b"final", body)
+    final = os.stat(e.path_of(record))
+    assert (final.st_ino, final.st_mtime_ns, False) in fsyncs  # fsynced again as it finally is
     e.close()
 
 
@@ -281,3 +284,59 @@ def test_writeback_starts_while_a_plain_writer_writes(tmp_path, monkeypatch):
     assert open_fds() == before  # the watcher closed what it opened
     assert record.files[0].checksum == on_disk(e, record)
     e.close()
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Every fsync as (inode, modification time then, whether a folder); calls the real one."""
+    calls = []
+    real = os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        calls.append((st.st_ino, st.st_mtime_ns, stat.S_ISDIR(st.st_mode)))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def test_a_local_save_fsyncs_each_file_once(tmp_path, fsyncs):
+    """A DurableFile fsyncs as it closes, so publishing it takes no second fsync; other files are fsynced there."""
+
+    def write(item, path):
+        with durable.DurableFile(path) as f:
+            f.write(payload(3 * MiB))
+        with open(path + ".extra", "wb") as f:
+            f.write(b"beside it")
+
+    e = engine(tmp_path)
+    e.save(0, 1, {}, write)  # the first commit creates the journal
+    fsyncs.clear()
+    (record,) = e.save(1, 2, {}, write)
+    root = tmp_path / "ckpt"
+    files = [root / f.path for f in record.files] + [root / f"{record.name}.meta.json", root / "manifest.journal"]
+    inodes = [os.stat(path).st_ino for path in files]
+    assert sorted(ino for ino, _mtime, folder in fsyncs if not folder) == sorted(inodes)
+    assert [ino for ino, _mtime, folder in fsyncs if folder] == [os.stat(root).st_ino]  # the renames
+    e.close()
+
+
+def test_only_saves_to_a_local_disk_fsync_a_durable_file(tmp_path, fsyncs):
+    with durable.DurableFile(tmp_path / "elsewhere") as f:  # e.g. a remote store's staging copy
+        f.write(b"x" * 1000)
+    assert fsyncs == []
+    with durable.saving_to_disk(str(tmp_path / "folder")):
+        with pytest.raises(ValueError), durable.DurableFile(tmp_path / "folder-sibling") as f:
+            raise ValueError("not below the folder")
+        os.mkdir(tmp_path / "folder")
+        with pytest.raises(ValueError), durable.DurableFile(tmp_path / "folder" / "failed") as f:
+            f.write(b"partial")
+            raise ValueError("a writer that failed: nothing to keep")
+        assert fsyncs == []
+        with durable.DurableFile(tmp_path / "folder" / "kept") as f:
+            f.write(b"x" * 1000)
+    assert [ino for ino, _mtime, _folder in fsyncs] == [os.stat(tmp_path / "folder" / "kept").st_ino]
+    with durable.DurableFile(tmp_path / "folder" / "after") as f:  # the block ended
+        f.write(b"x")
+    assert len(fsyncs) == 1

@@ -393,7 +393,7 @@ def test_background_execute_writes_now_and_commits_in_the_worker(tmp_path, monke
 
     with pytest.raises(SaveError, match="No space left on device"):  # a failed write raises at once
         e.execute(plan, broken, background=True)
-    monkeypatch.setattr(e.store, "publish", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(e.store, "publish", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
     e.execute(e.plan(1, 2, {"val_loss": 0.4}), write, background=True)
     with pytest.raises(SaveError, match="I/O error"):  # a failure in the worker surfaces at the end
         e.close()

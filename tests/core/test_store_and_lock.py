@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,30 @@ def test_local_write_is_atomic_and_leaves_no_temp(tmp_path):
     store.write_bytes("a.json", b"2")
     assert store.read_bytes("a.json") == b"2"
     assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_appending_to_a_file_made_again_behind_the_store_fsyncs_its_folder(tmp_path, monkeypatch):
+    store = LocalStore(str(tmp_path))
+    folders = []
+    real = os.fsync
+
+    def spy(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            folders.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store.append_bytes("journal", b"one\n")
+    assert len(folders) == 1  # created: its name is made durable
+    store.append_bytes("journal", b"two\n")
+    assert len(folders) == 1
+    os.remove(tmp_path / "journal")  # not through the store
+    store.append_bytes("journal", b"three\n")
+    assert len(folders) == 2
+    assert (tmp_path / "journal").read_bytes() == b"three\n"
+    store.remove("journal")
+    store.append_bytes("journal", b"four\n")
+    assert len(folders) == 3 and (tmp_path / "journal").read_bytes() == b"four\n"
 
 
 def test_staging_is_removed_on_exception(tmp_path):

@@ -42,16 +42,16 @@ def install(spec: str | None = None) -> None:
     target, _, count = spec.partition(":")
     n = int(count or 1)
 
-    original_checksum: Callable[..., Any] = engine_module.checksum_file
+    original_take_written: Callable[..., Any] = engine_module.take_written
 
-    def checksum_file(path: str, *args: Any, **kwargs: Any) -> Any:
+    def take_written(path: str, *args: Any, **kwargs: Any) -> Any:  # the engine's first look at each written file
         if _reached("write", target, n):
             size = os.path.getsize(path)
             os.truncate(path, size // 2)
             _die()
-        return original_checksum(path, *args, **kwargs)
+        return original_take_written(path, *args, **kwargs)
 
-    engine_module.checksum_file = checksum_file  # type: ignore[assignment]
+    engine_module.take_written = take_written  # type: ignore[assignment]
 
     original_replace = os.replace
 
@@ -65,14 +65,14 @@ def install(spec: str | None = None) -> None:
 
     original_put = store_module.FsspecStore.publish
 
-    def put(self: Any, staging_dir: str, relpaths: list[str]) -> None:
+    def put(self: Any, staging_dir: str, relpaths: list[str], synced: Any = ()) -> None:
         if target == "publish" and len(relpaths) > 1:
-            original_put(self, staging_dir, relpaths[:1])
+            original_put(self, staging_dir, relpaths[:1], synced)
             if _reached("publish", target, n):
                 _die()
-            original_put(self, staging_dir, relpaths[1:])
+            original_put(self, staging_dir, relpaths[1:], synced)
             return
-        original_put(self, staging_dir, relpaths)
+        original_put(self, staging_dir, relpaths, synced)
 
     store_module.FsspecStore.publish = put  # type: ignore[method-assign]
 
