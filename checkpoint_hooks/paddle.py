@@ -142,19 +142,56 @@ class _Serialized(bytes):
     """The bytes of a file, serialized on the training thread."""
 
 
-def _host_copy(state: dict[str, Any]) -> Any:
+class _HostBuffers:
+    """Host arrays that background saves copy tensors into, kept from one save to the next.
+
+    A fresh copy of a large state pays a page fault for every page it fills; an array filled
+    before does not. At most one save is in flight and the next snapshot waits for it, so by
+    `recycle()` (called before each snapshot) the worker is done with every array handed out.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._used: list[np.ndarray] = []
+
+    def copy(self, tensor: paddle.Tensor) -> np.ndarray:
+        """A host copy of `tensor`, in an array of an earlier save when one of its shape and type is free."""
+        try:
+            view = np.from_dlpack(tensor.detach())  # no copy: the tensor's own memory (detached: parameters too)
+        except Exception:  # a GPU tensor, or bfloat16 (numpy has no such type): paddle copies it
+            return tensor.numpy()
+        free = self._free.get((view.shape, view.dtype.str))
+        array = free.pop() if free else np.empty(view.shape, view.dtype)
+        np.copyto(array, view)
+        self._used.append(array)
+        return array
+
+    def recycle(self) -> None:
+        """Every array handed out is free again: the save that held them is over."""
+        for array in self._used:
+            self._free.setdefault((array.shape, array.dtype.str), []).append(array)
+        self._used = []
+
+    def clear(self) -> None:
+        self._free.clear()
+        self._used = []
+
+
+def _host_copy(state: dict[str, Any], buffers: _HostBuffers | None = None) -> Any:
     """What `paddle.save(state, path)` would pickle now, with every tensor copied to host memory.
 
     A state dict (tensors, and dicts without tensors) becomes paddle.save's own layout: numpy
     copies of the tensors, copies of the dicts, and the table of tensor names. Pickling it with protocol 4 later, on any thread,
     writes the bytes paddle.save writes. Anything else is serialized by paddle.save here.
+    Tensors are copied into `buffers` when given, else into new arrays.
     """
     if all(isinstance(v, paddle.Tensor) or (isinstance(v, dict) and not _holds_tensor(v)) for v in state.values()):
         copy: dict[str, Any] = {}
         names: dict[str, str] = {}
         for key, value in state.items():
             if isinstance(value, paddle.Tensor):
-                copy[key] = value.numpy()  # a copy: training goes on changing the tensor in place
+                # a copy: training goes on changing the tensor in place
+                copy[key] = buffers.copy(value) if buffers is not None else value.numpy()
                 names[key] = value.name
             else:
                 copy[key] = deepcopy(value)  # e.g. the LR scheduler's state, which its next step changes
@@ -316,6 +353,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._epoch_length: int | None = None
         self._state_step: int | None = None  # global step of the newest training_state (saved or resumed)
         self._state_in_flight: tuple[int, list[str]] | None = None  # step and names of a background save
+        self._host_buffers = _HostBuffers()  # what background saves copy the state into
         self._due_at_epoch_end = False
         self._preemption_saved = False
         self._sigterm = False
@@ -518,7 +556,9 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if self.policy.async_save if background is None else background:
             if all(item.format != "model" for item in plan.items):
                 # Only the copy of the state to host memory happens here; the files are written in the worker.
-                engine.execute_async(plan, functools.partial(self._snapshot, plan.epoch), _save_files)
+                self._host_buffers.recycle()  # the save that used them is over (_settle waited for it)
+                snapshot = functools.partial(self._snapshot, plan.epoch, buffers=self._host_buffers)
+                engine.execute_async(plan, snapshot, _save_files)
             else:
                 engine.execute(plan, write, background=True)  # paddle.jit.save runs here, the rest in the worker
             names = [item.name for item in plan.items if item.format == TRAINING_STATE]
@@ -680,15 +720,16 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if not os.path.exists(path):
             raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
 
-    def _snapshot(self, epoch: int, item: SaveItem) -> dict[str, Any]:
+    def _snapshot(self, epoch: int, item: SaveItem, buffers: _HostBuffers | None = None) -> dict[str, Any]:
         """The files of a `weights` or `training_state` item as {suffix: host copy of what paddle.save pickles}.
 
         A training_state is what `Model.save(prefix, training=True)` writes, with this callback's
         state inside the .pdopt. Nothing in the result shares memory with the live tensors.
+        Tensors are copied into `buffers` when given.
         """
         model = self._model
         network = model.network
-        files = {".pdparams": _host_copy(network.state_dict())}
+        files = {".pdparams": _host_copy(network.state_dict(), buffers)}
         if item.format == "weights":
             return files
         optimizer = model._optimizer
@@ -715,12 +756,12 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 protocol=pickle.HIGHEST_PROTOCOL,
             ),
         }
-        files[".pdopt"] = _host_copy(optimizer_state)
+        files[".pdopt"] = _host_copy(optimizer_state, buffers)
         scaler = getattr(model, "_scaler", None)
         if scaler is not None:
             scaler_state = scaler.state_dict()
             if scaler_state:
-                files[".pdscaler"] = _host_copy(scaler_state)
+                files[".pdscaler"] = _host_copy(scaler_state, buffers)
         return files
 
     # -- resume -----------------------------------------------------------------------
@@ -919,6 +960,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 self.engine.close()
             except Exception as exc:
                 error = exc
+        self._host_buffers.clear()  # the saves are over: the state's copy need not stay in memory
         if error is not None and (failing or self._sigterm):
             log.error("%s", error)
         if self._sigterm:

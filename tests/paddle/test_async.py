@@ -13,7 +13,7 @@ import paddle
 import pytest
 
 from checkpoint_hooks.core import SaveError, SaveItem
-from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_copy, _save_files
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_copy, _HostBuffers, _save_files
 from tests.paddle.toy import (
     VAL_OFFSETS,
     Recorder,
@@ -176,8 +176,29 @@ def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp
     verifies(str(tmp_path / "async"))
 
 
+def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path, monkeypatch):
+    import checkpoint_hooks.paddle as adapter
+
+    handed: list[np.ndarray] = []  # kept alive here, so a new array cannot take an old one's id
+    real = adapter._HostBuffers.copy
+
+    def copy(self: Any, tensor: Any) -> np.ndarray:
+        array = real(self, tensor)
+        handed.append(array)
+        return array
+
+    monkeypatch.setattr(adapter._HostBuffers, "copy", copy)
+    callback, _, _ = fit(str(tmp_path / "ck"), 4, monitor=None, top_k=-1, async_save=True)
+    per_save = len(handed) // 4
+    assert per_save > 0 and len(handed) == 4 * per_save
+    saves = [{id(a) for a in handed[i * per_save : (i + 1) * per_save]} for i in range(4)]
+    assert len(saves[0]) == per_save and saves[1] == saves[2] == saves[3] == saves[0]
+    assert callback._host_buffers._free == {}  # let go at the end of fit
+
+
+@pytest.mark.parametrize("buffers", ["new arrays", "arrays of an earlier save"])
 @pytest.mark.parametrize("kind", ["network", "optimizer", "nested"])
-def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, kind):
+def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, kind, buffers):
     model = regression_model(0)
     model.fit(Regression(), batch_size=8, epochs=1, verbose=0, shuffle=False)
     network, optimizer = model.network, model._optimizer
@@ -188,7 +209,12 @@ def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, kind):
         "nested": {"layers": {"w": network.parameters()[0]}, "step": 3},
     }[kind]
     paddle.save(state, str(tmp_path / "paddle.save"))
-    copy = _host_copy(state)
+    pool = None
+    if buffers != "new arrays":
+        pool = _HostBuffers()
+        _host_copy(regression_model(1).network.state_dict(), pool)  # other values, the same shapes
+        pool.recycle()
+    copy = _host_copy(state, pool)
     with paddle.no_grad():  # training goes on: the copy keeps the values it was taken with
         for parameter in network.parameters():
             parameter.set_value(parameter + 1.0)
