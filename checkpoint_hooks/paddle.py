@@ -63,6 +63,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -100,6 +101,9 @@ _SHIM_MARK = "_checkpoint_hooks_shim"
 # paddle.save adds this table (structured -> unique parameter name) to every dict of tensors.
 _NAME_TABLE = "StructuredToParameterName@@"
 PICKLE_PROTOCOL = 4  # paddle.save's default
+# Smaller copies come from memory the allocator has already touched, and paddle's own copy
+# (Tensor.numpy) costs less than a view and a copy into a kept array.
+REUSE_MIN_BYTES = 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,6 +160,8 @@ class _HostBuffers:
 
     def copy(self, tensor: paddle.Tensor) -> np.ndarray:
         """A host copy of `tensor`, in an array of an earlier save when one of its shape and type is free."""
+        if math.prod(tensor.shape) * tensor.element_size() < REUSE_MIN_BYTES:
+            return tensor.numpy()
         try:
             view = np.from_dlpack(tensor.detach())  # no copy: the tensor's own memory (detached: parameters too)
         except Exception:  # a GPU tensor, or bfloat16 (numpy has no such type): paddle copies it

@@ -188,6 +188,7 @@ def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path, monk
         return array
 
     monkeypatch.setattr(adapter._HostBuffers, "copy", copy)
+    monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)  # the toy's tensors are small: kept all the same
     callback, _, _ = fit(str(tmp_path / "ck"), 4, monitor=None, top_k=-1, async_save=True)
     per_save = len(handed) // 4
     assert per_save > 0 and len(handed) == 4 * per_save
@@ -196,9 +197,27 @@ def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path, monk
     assert callback._host_buffers._free == {}  # let go at the end of fit
 
 
+def test_small_tensors_are_copied_afresh_and_large_ones_into_kept_arrays():
+    buffers = _HostBuffers()
+    small, large = paddle.ones([8, 8]), paddle.ones([1024, 512])  # 256 B and 2 MiB of float32
+    first, second = buffers.copy(large), buffers.copy(large)
+    assert second is not first  # both in use by this save
+    buffers.copy(small)
+    buffers.recycle()
+    with paddle.no_grad():
+        large.set_value(large * 3.0)
+    again = buffers.copy(large)
+    assert again is first or again is second  # an array of the save before
+    assert np.array_equal(again, large.numpy()) and float(again[0, 0]) == 3.0
+    assert list(buffers._free) == [((1024, 512), "<f4")]  # nothing of the small tensor was kept
+
+
 @pytest.mark.parametrize("buffers", ["new arrays", "arrays of an earlier save"])
 @pytest.mark.parametrize("kind", ["network", "optimizer", "nested"])
-def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, kind, buffers):
+def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, monkeypatch, kind, buffers):
+    import checkpoint_hooks.paddle as adapter
+
+    monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)
     model = regression_model(0)
     model.fit(Regression(), batch_size=8, epochs=1, verbose=0, shuffle=False)
     network, optimizer = model.network, model._optimizer
