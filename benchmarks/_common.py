@@ -123,6 +123,19 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     return round(median([a / b for a, b in zip(numerator, denominator)]), 4)
 
 
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], draws: int = 2000) -> list[float]:
+    """A 95% bootstrap interval of the ratio of medians: how far the noise of this run lets it move.
+
+    Each draw resamples the runs of both variants with replacement (fixed seed).
+    """
+    rng = random.Random(0)
+    ratios = sorted(
+        median(rng.choices(numerator, k=len(numerator))) / median(rng.choices(denominator, k=len(denominator)))
+        for _ in range(draws)
+    )
+    return [round(ratios[int(0.025 * draws)], 4), round(ratios[int(0.975 * draws) - 1], 4)]
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -194,6 +207,7 @@ def fit_overhead_result(
     result: dict[str, Any] = {**header, "fit_s": {name: summary(values) for name, values in times.items()}}
     for ours in (name for name in ("ours", "ours_async") if name in times):
         result[f"ratio_{ours}_over_native"] = ratio(times[ours], times["native"])
+        result[f"ratio_{ours}_over_native_95ci"] = ratio_interval(times[ours], times["native"])
         result[f"paired_ratio_{ours}_over_native"] = paired_ratio(times[ours], times["native"])
         result[f"ratio_{ours}_over_none"] = ratio(times[ours], times["none"])
     result["ratio_native_over_none"] = ratio(times["native"], times["none"])
