@@ -78,6 +78,7 @@ import numpy as np
 import paddle
 
 from checkpoint_hooks.core import Engine, MonitorError, Record, SaveItem
+from checkpoint_hooks.core.buffers import REUSE_MIN_BYTES, HostBuffers
 from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.errors import CheckpointError
@@ -101,9 +102,6 @@ _SHIM_MARK = "_checkpoint_hooks_shim"
 # paddle.save adds this table (structured -> unique parameter name) to every dict of tensors.
 _NAME_TABLE = "StructuredToParameterName@@"
 PICKLE_PROTOCOL = 4  # paddle.save's default
-# Smaller copies come from memory the allocator has already touched, and paddle's own copy
-# (Tensor.numpy) costs less than a view and a copy into a kept array.
-REUSE_MIN_BYTES = 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,44 +144,20 @@ class _Serialized(bytes):
     """The bytes of a file, serialized on the training thread."""
 
 
-class _HostBuffers:
-    """Host arrays that background saves copy tensors into, kept from one save to the next.
-
-    A fresh copy of a large state pays a page fault for every page it fills; an array filled
-    before does not. At most one save is in flight and the next snapshot waits for it, so by
-    `recycle()` (called before each snapshot) the worker is done with every array handed out.
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
-        self._used: list[np.ndarray] = []
-
-    def copy(self, tensor: paddle.Tensor) -> np.ndarray:
-        """A host copy of `tensor`, in an array of an earlier save when one of its shape and type is free."""
-        if math.prod(tensor.shape) * tensor.element_size() < REUSE_MIN_BYTES:
-            return tensor.numpy()
-        try:
-            view = np.from_dlpack(tensor.detach())  # no copy: the tensor's own memory (detached: parameters too)
-        except Exception:  # a GPU tensor, or bfloat16 (numpy has no such type): paddle copies it
-            return tensor.numpy()
-        free = self._free.get((view.shape, view.dtype.str))
-        array = free.pop() if free else np.empty(view.shape, view.dtype)
-        np.copyto(array, view)
-        self._used.append(array)
-        return array
-
-    def recycle(self) -> None:
-        """Every array handed out is free again: the save that held them is over."""
-        for array in self._used:
-            self._free.setdefault((array.shape, array.dtype.str), []).append(array)
-        self._used = []
-
-    def clear(self) -> None:
-        self._free.clear()
-        self._used = []
+def _host_array(tensor: paddle.Tensor, buffers: HostBuffers[np.ndarray] | None) -> np.ndarray:
+    """A host copy of `tensor`: into an array of `buffers` when it is large, else a new one."""
+    if buffers is None or math.prod(tensor.shape) * tensor.element_size() < REUSE_MIN_BYTES:
+        return tensor.numpy()  # less than a view and a copy, for a small tensor
+    try:
+        view = np.from_dlpack(tensor.detach())  # no copy: the tensor's own memory (detached: parameters too)
+    except Exception:  # a GPU tensor, or bfloat16 (numpy has no such type): paddle copies it
+        return tensor.numpy()
+    array = buffers.take(view.shape, view.dtype)
+    np.copyto(array, view)
+    return array
 
 
-def _host_copy(state: dict[str, Any], buffers: _HostBuffers | None = None) -> Any:
+def _host_copy(state: dict[str, Any], buffers: HostBuffers[np.ndarray] | None = None) -> Any:
     """What `paddle.save(state, path)` would pickle now, with every tensor copied to host memory.
 
     A state dict (tensors, and dicts without tensors) becomes paddle.save's own layout: numpy
@@ -197,7 +171,7 @@ def _host_copy(state: dict[str, Any], buffers: _HostBuffers | None = None) -> An
         for key, value in state.items():
             if isinstance(value, paddle.Tensor):
                 # a copy: training goes on changing the tensor in place
-                copy[key] = buffers.copy(value) if buffers is not None else value.numpy()
+                copy[key] = _host_array(value, buffers)
                 names[key] = value.name
             else:
                 copy[key] = deepcopy(value)  # e.g. the LR scheduler's state, which its next step changes
@@ -359,7 +333,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         self._epoch_length: int | None = None
         self._state_step: int | None = None  # global step of the newest training_state (saved or resumed)
         self._state_in_flight: tuple[int, list[str]] | None = None  # step and names of a background save
-        self._host_buffers = _HostBuffers()  # what background saves copy the state into
+        self._host_buffers: HostBuffers[np.ndarray] = HostBuffers(np.empty)  # what background saves copy the state into
         self._due_at_epoch_end = False
         self._preemption_saved = False
         self._sigterm = False
@@ -562,7 +536,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if self.policy.async_save if background is None else background:
             if all(item.format != "model" for item in plan.items):
                 # Only the copy of the state to host memory happens here; the files are written in the worker.
-                self._host_buffers.recycle()  # the save that used them is over (_settle waited for it)
+                self._host_buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
                 snapshot = functools.partial(self._snapshot, plan.epoch, buffers=self._host_buffers)
                 engine.execute_async(plan, snapshot, _save_files)
             else:
@@ -726,7 +700,7 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if not os.path.exists(path):
             raise CheckpointError(f"paddle.jit.save wrote no {os.path.basename(path)}")
 
-    def _snapshot(self, epoch: int, item: SaveItem, buffers: _HostBuffers | None = None) -> dict[str, Any]:
+    def _snapshot(self, epoch: int, item: SaveItem, buffers: HostBuffers[np.ndarray] | None = None) -> dict[str, Any]:
         """The files of a `weights` or `training_state` item as {suffix: host copy of what paddle.save pickles}.
 
         A training_state is what `Model.save(prefix, training=True)` writes, with this callback's

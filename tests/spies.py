@@ -7,10 +7,12 @@ import os
 import threading
 import time
 from collections.abc import Collection
+from typing import Any
 
 import pytest
 
 from checkpoint_hooks.core import CheckpointDirectory
+from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.store import LocalStore
 
 
@@ -40,6 +42,27 @@ class Publishes:
     def threads(self) -> set[str]:
         """"main" or "worker" for each call's thread."""
         return {"main" if t == "MainThread" else "worker" if t.startswith("checkpoint_hooks-save") else t for t, _ in self.calls}
+
+
+class TakenArrays:
+    """Records every array HostBuffers.take hands out, kept alive here so a new one cannot take an old one's id."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.arrays: list[Any] = []
+        real = HostBuffers.take
+
+        def take(buffers: HostBuffers[Any], *args: Any) -> Any:
+            array = real(buffers, *args)
+            self.arrays.append(array)
+            return array
+
+        monkeypatch.setattr(HostBuffers, "take", take)
+
+    def by_save(self, saves: int) -> list[set[int]]:
+        """The ids of each save's arrays, in order (every save takes as many)."""
+        per_save = len(self.arrays) // saves
+        assert per_save > 0 and len(self.arrays) == saves * per_save
+        return [{id(a) for a in self.arrays[i * per_save : (i + 1) * per_save]} for i in range(saves)]
 
 
 def verifies(directory: str | os.PathLike[str]) -> None:

@@ -69,6 +69,7 @@ import keras
 import numpy as np
 
 from checkpoint_hooks.core import CheckpointError, CorruptCheckpointError, Engine, Record, SaveError, SaveItem
+from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.engine import Plan
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import BEST
@@ -257,6 +258,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         self._policy: CheckpointPolicy | None = None
         self._extensions: dict[str, str] = {"weights": WEIGHTS_EXT, "model": KERAS_EXT, "training_state": KERAS_EXT}
         self._resumable: frozenset[str] = frozenset({"model", "training_state"})
+        self._host_buffers: HostBuffers[np.ndarray] = HostBuffers(np.empty)  # what background saves copy the state into
         self._export = bool(export_best)
         self._engine: Engine | None = None
         self._fits = 0
@@ -792,13 +794,14 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         written here instead, and only their hashing, fsync and commit run in the worker.
         """
         if keras_snapshot.available() and not any(self._extensions[item.format] == LEGACY_EXT for item in plan.items):
+            self._host_buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
             engine.execute_async(plan, self._snapshot, lambda item, snapshot, path: snapshot.write(path))
         else:
             engine.execute(plan, self._write, background=True)
 
     def _snapshot(self, item: SaveItem) -> keras_snapshot.Snapshot:
         """What `_write` writes for `item`, held in memory."""
-        snapshot = keras_snapshot.take(self.model, archive=item.format != "weights")
+        snapshot = keras_snapshot.take(self.model, archive=item.format != "weights", buffers=self._host_buffers)
         if item.format in self._resumable:
             snapshot.members[STATE_MEMBER] = self._resume_state(item).encode()
         return snapshot
@@ -1063,6 +1066,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             if raise_errors:
                 raise
             log.error("%s", exc)
+        finally:
+            self._host_buffers.clear()  # the saves are over: the state's copy need not stay in memory
 
 
 def _multi_process(model: Any) -> bool:

@@ -5,7 +5,9 @@ the metadata and every variable a `.keras` file holds, through Keras's own walk 
 the model) into host memory; `Snapshot.write(path)` then produces that file on any
 thread without touching the model. With `archive=False` it is what
 `model.save_weights("x.weights.h5")` writes. The weights are written by Keras's own
-`H5IOStore`, with the same groups, attributes and datasets in the same order.
+`H5IOStore`, with the same groups, attributes and datasets in the same order. With
+`buffers`, large variables are copied into arrays kept from the save before; with
+TensorFlow they are read without an intermediate copy.
 
 It uses private names of `keras.src.saving.saving_lib` (checked with Keras 3.15).
 `available()` says whether they are there; `BestCheckpoint` writes on the training
@@ -31,6 +33,8 @@ from typing import IO, Any
 import numpy as np
 from keras.src import backend
 from keras.src.backend.common import global_state
+
+from checkpoint_hooks.core.buffers import REUSE_MIN_BYTES, HostBuffers
 
 try:
     from keras.src.saving import saving_lib
@@ -69,10 +73,11 @@ class _Recorder(saving_lib.H5IOStore if saving_lib is not None else object):  # 
     write-only: the reading side of H5IOStore is not there.
     """
 
-    def __init__(self) -> None:  # no h5 file: nothing of H5IOStore.__init__ applies
+    def __init__(self, buffers: HostBuffers[np.ndarray] | None = None) -> None:  # no h5 file: nothing of H5IOStore.__init__ applies
         self.mode = "w"
         self.entries: list[Entry] = []
         self._values: list[tuple[str, np.ndarray]] = []
+        self._buffers = buffers
 
     def __bool__(self) -> bool:
         return True
@@ -84,7 +89,7 @@ class _Recorder(saving_lib.H5IOStore if saving_lib is not None else object):  # 
 
     def __setitem__(self, key: str, value: Any) -> None:
         # A copy: some backends hand out numpy views of the live variable.
-        self._values.append((key, np.array(backend.convert_to_numpy(value), copy=True)))
+        self._values.append((key, _host_copy(value, self._buffers)))
 
     def close(self) -> None:
         pass
@@ -165,12 +170,39 @@ class Snapshot:
             store.close()
 
 
-def take(model: Any, archive: bool = True) -> Snapshot:
-    """Copy what `model.save(".keras")` (archive) or `model.save_weights(".weights.h5")` would write, now."""
+def _host_copy(value: Any, buffers: HostBuffers[np.ndarray] | None) -> np.ndarray:
+    """A copy of a variable's value in host memory: into an array of `buffers` when it is large."""
+    view = _host_view(value)
+    if buffers is None or view.nbytes < REUSE_MIN_BYTES:
+        return np.array(view, copy=True)
+    array = buffers.take(view.shape, view.dtype)
+    np.copyto(array, view)
+    return array
+
+
+def _host_view(value: Any) -> np.ndarray:
+    """The value as a numpy array, a view of it where the backend allows.
+
+    A TensorFlow variable is read once (`read_value`, a consistent value: an assign
+    that follows copies the variable's buffer first) and viewed in place; Keras's
+    `convert_to_numpy` would copy it twice more.
+    """
+    if backend.backend() == "tensorflow":
+        read = getattr(getattr(value, "value", None), "read_value", None)
+        if read is not None:
+            return np.asarray(read())
+    return np.asarray(backend.convert_to_numpy(value))
+
+
+def take(model: Any, archive: bool = True, buffers: HostBuffers[np.ndarray] | None = None) -> Snapshot:
+    """Copy what `model.save(".keras")` (archive) or `model.save_weights(".weights.h5")` would write, now.
+
+    Large variables go into arrays of `buffers` when given (see `HostBuffers`).
+    """
     config_json = metadata_json = None
     if archive:
         config_json, metadata_json = saving_lib._serialize_model_as_json(model)
-    recorder = _Recorder()
+    recorder = _Recorder(buffers)
     assets = _Assets() if archive else None
     try:
         saving_lib._save_state(

@@ -17,7 +17,7 @@ from checkpoint_hooks.keras import BestCheckpoint
 from checkpoint_hooks.keras import snapshot as keras_snapshot
 from tests.index import read_index
 from tests.keras.helpers import FailAt, Script, Snapshot, data, listing, make_model, saved_state, weights_equal
-from tests.spies import Publishes, verifies
+from tests.spies import Publishes, TakenArrays, verifies
 
 VAL = [0.5, 0.3, 0.4, 0.2, 0.6, 0.25]  # scripted val_loss per epoch: the retention outcome is exact
 
@@ -150,10 +150,13 @@ def test_a_failing_step_waits_for_the_save_in_flight_then_saves_a_preempted_stat
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@pytest.mark.parametrize("arrays", ["new", "kept from the save before"])
 def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, arrays: str
 ) -> None:
     """Only a copy of the state is taken at the epoch end; the worker writes each file well after it."""
+    if arrays != "new":
+        monkeypatch.setattr(keras_snapshot, "REUSE_MIN_BYTES", 0)  # the toy's variables are small
     real = keras_snapshot.Snapshot.write
     threads: list[str] = []
 
@@ -175,6 +178,17 @@ def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(
         assert weights_equal(loaded.get_weights(), states.weights[epoch]), path
         assert int(loaded.optimizer.iterations.numpy()) == 4 * (epoch + 1)
         assert saved_state(path)["epoch"] == epoch
+    verifies(tmp_path)
+
+
+def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = TakenArrays(monkeypatch)
+    monkeypatch.setattr(keras_snapshot, "REUSE_MIN_BYTES", 0)
+    ours = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="e{epoch}", top_k=-1, async_save=True)
+    fit(make_model(), [Script(VAL), ours], epochs=4)
+    saves = taken.by_save(4)
+    assert len(saves[0]) == len(taken.arrays) // 4 and saves[1] == saves[2] == saves[3] == saves[0]
+    assert ours._host_buffers._free == {}  # let go at the end of fit
     verifies(tmp_path)
 
 

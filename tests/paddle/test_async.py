@@ -13,7 +13,8 @@ import paddle
 import pytest
 
 from checkpoint_hooks.core import SaveError, SaveItem
-from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_copy, _HostBuffers, _save_files
+from checkpoint_hooks.core.buffers import HostBuffers
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_array, _host_copy, _save_files
 from tests.paddle.toy import (
     VAL_OFFSETS,
     Recorder,
@@ -23,7 +24,7 @@ from tests.paddle.toy import (
     portable_state,
     regression_model,
 )
-from tests.spies import Publishes, verifies
+from tests.spies import Publishes, TakenArrays, verifies
 
 
 def fit(directory: str, epochs: int, *extra: Any, model: Any = None, **options: Any) -> tuple[BestCheckpoint, Recorder, Any]:
@@ -141,9 +142,13 @@ def test_an_exception_waits_for_the_save_in_flight_then_saves_a_preempted_state(
     assert callback.resumed_from is not None and callback.resumed_from.name == "preempted-epoch=002-step=9"
 
 
-def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arrays", ["new", "kept from the save before"])
+def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp_path, monkeypatch, arrays):
     """The worker writes each save's files well after the next epoch started changing the tensors in place."""
     import checkpoint_hooks.paddle as adapter
+
+    if arrays != "new":
+        monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)  # the toy's tensors are small
 
     real = adapter._save_files
     threads = []
@@ -179,37 +184,27 @@ def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp
 def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path, monkeypatch):
     import checkpoint_hooks.paddle as adapter
 
-    handed: list[np.ndarray] = []  # kept alive here, so a new array cannot take an old one's id
-    real = adapter._HostBuffers.copy
-
-    def copy(self: Any, tensor: Any) -> np.ndarray:
-        array = real(self, tensor)
-        handed.append(array)
-        return array
-
-    monkeypatch.setattr(adapter._HostBuffers, "copy", copy)
+    taken = TakenArrays(monkeypatch)
     monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)  # the toy's tensors are small: kept all the same
     callback, _, _ = fit(str(tmp_path / "ck"), 4, monitor=None, top_k=-1, async_save=True)
-    per_save = len(handed) // 4
-    assert per_save > 0 and len(handed) == 4 * per_save
-    saves = [{id(a) for a in handed[i * per_save : (i + 1) * per_save]} for i in range(4)]
-    assert len(saves[0]) == per_save and saves[1] == saves[2] == saves[3] == saves[0]
+    saves = taken.by_save(4)
+    assert len(saves[0]) == len(taken.arrays) // 4 and saves[1] == saves[2] == saves[3] == saves[0]
     assert callback._host_buffers._free == {}  # let go at the end of fit
 
 
 def test_small_tensors_are_copied_afresh_and_large_ones_into_kept_arrays():
-    buffers = _HostBuffers()
+    buffers: HostBuffers[np.ndarray] = HostBuffers(np.empty)
     small, large = paddle.ones([8, 8]), paddle.ones([1024, 512])  # 256 B and 2 MiB of float32
-    first, second = buffers.copy(large), buffers.copy(large)
+    first, second = _host_array(large, buffers), _host_array(large, buffers)
     assert second is not first  # both in use by this save
-    buffers.copy(small)
+    _host_array(small, buffers)
     buffers.recycle()
     with paddle.no_grad():
         large.set_value(large * 3.0)
-    again = buffers.copy(large)
+    again = _host_array(large, buffers)
     assert again is first or again is second  # an array of the save before
     assert np.array_equal(again, large.numpy()) and float(again[0, 0]) == 3.0
-    assert list(buffers._free) == [((1024, 512), "<f4")]  # nothing of the small tensor was kept
+    assert list(buffers._free) == [((1024, 512), np.dtype("float32"))]  # nothing of the small tensor was kept
 
 
 @pytest.mark.parametrize("buffers", ["new arrays", "arrays of an earlier save"])
@@ -230,7 +225,7 @@ def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, monkeypat
     paddle.save(state, str(tmp_path / "paddle.save"))
     pool = None
     if buffers != "new arrays":
-        pool = _HostBuffers()
+        pool = HostBuffers(np.empty)
         _host_copy(regression_model(1).network.state_dict(), pool)  # other values, the same shapes
         pool.recycle()
     copy = _host_copy(state, pool)
