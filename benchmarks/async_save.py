@@ -61,7 +61,8 @@ def main() -> None:
             torch.save(copy, path)
 
         def snapshot(item: SaveItem) -> Any:
-            return buffers.copy(state, ("weights",))
+            buffers.recycle()  # as the adapter does before each background save
+            return buffers.copy(state)
 
         def sync() -> float:
             e = engine(False)

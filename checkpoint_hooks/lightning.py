@@ -27,6 +27,7 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
+from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
@@ -172,32 +173,39 @@ def _saves_with_torch_save(trainer: Any) -> bool:
 
 
 class _SnapshotBuffers:
-    """Copies of a state's tensors in host memory, reused from one save to the next.
+    """Copies of a state's tensors in host memory, in tensors kept from one save to the next.
 
-    Reusing the same buffers spares the copy the page faults of fresh allocations; a
-    buffer is free again once the save that used it is done (one save is in flight at most).
+    Reusing them spares the copy the page faults of fresh allocations (`core.buffers`);
+    `recycle()` before each snapshot frees the previous save's tensors, which is over by then.
     """
 
     def __init__(self) -> None:
-        self._tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._kept: HostBuffers[torch.Tensor] = HostBuffers(_empty_host_tensor)
 
-    def copy(self, value: Any, key: tuple[Any, ...]) -> Any:
+    def copy(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            buffer = self._tensors.get(key)
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu")
-                self._tensors[key] = buffer
+            buffer = self._kept.take(tuple(value.shape), value.dtype)
             buffer.copy_(value.detach())
             return buffer
         if isinstance(value, dict):
-            copied = {k: self.copy(v, (*key, k)) for k, v in value.items()}
+            copied = {k: self.copy(v) for k, v in value.items()}
             out: dict[Any, Any] = OrderedDict(copied) if isinstance(value, OrderedDict) else copied
             if hasattr(value, "_metadata"):  # state_dict versions, read back by load_state_dict
                 out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
             return out
         if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-            return type(value)(self.copy(v, (*key, i)) for i, v in enumerate(value))
+            return type(value)(self.copy(v) for v in value)
         return copy.deepcopy(value)  # numbers, strings, RNG states: small, and they change as training goes on
+
+    def recycle(self) -> None:
+        self._kept.recycle()
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def _empty_host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 class BestCheckpoint(*_BASES):  # type: ignore[misc]
@@ -480,6 +488,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
     def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any, background: bool = True) -> None:
         checksum = self.policy.verify
         if background and self.policy.async_save and all(item.format != "model" for item in plan.items):
+            self._buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
             engine.execute_async(
                 plan,
                 lambda item: self._snapshot(item, trainer, pl_module),
@@ -527,7 +536,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             trainer.strategy.barrier("BestCheckpoint.snapshot")
         else:
             state = pl_module.state_dict()
-        return self._buffers.copy(state, (item.format,)) if trainer.is_global_zero else None
+        return self._buffers.copy(state) if trainer.is_global_zero else None
 
     # -- ModelCheckpoint's public attributes ---------------------------------------------
 
@@ -624,8 +633,11 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._close()
 
     def _close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+        try:
+            if self._engine is not None:
+                self._engine.close()
+        finally:
+            self._buffers.clear()  # the saves are over: the state's copy need not stay in memory
 
     def __repr__(self) -> str:
         return f"BestCheckpoint(monitor={self.policy.monitor!r}, dirpath={self.policy.dirpath!r}, top_k={self.policy.top_k})"

@@ -16,6 +16,7 @@ from checkpoint_hooks.core.errors import MonitorError
 from checkpoint_hooks.lightning import BestCheckpoint, lightning_filename
 from tests.index import read_index
 from tests.lightning.models import loader, make_module, trainer
+from tests.spies import TakenArrays
 
 NAN = float("nan")
 
@@ -226,6 +227,15 @@ def test_time_trigger_maps_train_time_interval(tmp_path):
 
     cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, train_time_interval=timedelta(seconds=30), save_on_exception=False)
     assert (cb.policy.every_n_minutes, cb.policy.save_on_preemption) == (0.5, False)
+
+
+def test_background_saves_copy_into_the_tensors_of_the_save_before(tmp_path, monkeypatch):
+    taken = TakenArrays(monkeypatch)
+    cb = BestCheckpoint(monitor=None, dirpath=tmp_path, top_k=-1, last=False, async_save=True)
+    fit(LP, cb, 4)
+    saves = taken.by_save(4)
+    assert len(saves[0]) == len(taken.arrays) // 4 and saves[1] == saves[2] == saves[3] == saves[0]
+    assert cb._buffers._kept._free == {}  # let go at the end of fit
 
 
 def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
