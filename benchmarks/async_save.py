@@ -61,7 +61,6 @@ def main() -> None:
             torch.save(copy, path)
 
         def snapshot(item: SaveItem) -> Any:
-            buffers.recycle()  # as the adapter does before each background save
             return buffers.copy(state)
 
         def sync() -> float:
@@ -77,7 +76,7 @@ def main() -> None:
             e = engine(True)
             plan = e.plan(0, 1, {})
             started = time.perf_counter()
-            e.execute_async(plan, snapshot, write_copy)
+            e.execute_async(plan, snapshot, write_copy, buffers.kept)
             blocked = time.perf_counter() - started
             started = time.perf_counter()
             e.wait()

@@ -176,15 +176,15 @@ class _SnapshotBuffers:
     """Copies of a state's tensors in host memory, in tensors kept from one save to the next.
 
     Reusing them spares the copy the page faults of fresh allocations (`core.buffers`);
-    `recycle()` before each snapshot frees the previous save's tensors, which is over by then.
+    `Engine.execute_async` recycles `kept` before each snapshot and lets it go at close.
     """
 
     def __init__(self) -> None:
-        self._kept: HostBuffers[torch.Tensor] = HostBuffers(_empty_host_tensor)
+        self.kept: HostBuffers[torch.Tensor] = HostBuffers(_empty_host_tensor)
 
     def copy(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            buffer = self._kept.take(tuple(value.shape), value.dtype)
+            buffer = self.kept.take(tuple(value.shape), value.dtype)
             buffer.copy_(value.detach())
             return buffer
         if isinstance(value, dict):
@@ -196,12 +196,6 @@ class _SnapshotBuffers:
         if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
             return type(value)(self.copy(v) for v in value)
         return copy.deepcopy(value)  # numbers, strings, RNG states: small, and they change as training goes on
-
-    def recycle(self) -> None:
-        self._kept.recycle()
-
-    def clear(self) -> None:
-        self._kept.clear()
 
 
 def _empty_host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -488,11 +482,11 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
     def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any, background: bool = True) -> None:
         checksum = self.policy.verify
         if background and self.policy.async_save and all(item.format != "model" for item in plan.items):
-            self._buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
             engine.execute_async(
                 plan,
                 lambda item: self._snapshot(item, trainer, pl_module),
                 lambda item, state, path: save_torch(state, path, checksum),
+                self._buffers.kept,
             )
             return
 
@@ -633,11 +627,8 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._close()
 
     def _close(self) -> None:
-        try:
-            if self._engine is not None:
-                self._engine.close()
-        finally:
-            self._buffers.clear()  # the saves are over: the state's copy need not stay in memory
+        if self._engine is not None:
+            self._engine.close()
 
     def __repr__(self) -> str:
         return f"BestCheckpoint(monitor={self.policy.monitor!r}, dirpath={self.policy.dirpath!r}, top_k={self.policy.top_k})"

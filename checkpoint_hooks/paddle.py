@@ -536,9 +536,8 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
         if self.policy.async_save if background is None else background:
             if all(item.format != "model" for item in plan.items):
                 # Only the copy of the state to host memory happens here; the files are written in the worker.
-                self._host_buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
                 snapshot = functools.partial(self._snapshot, plan.epoch, buffers=self._host_buffers)
-                engine.execute_async(plan, snapshot, _save_files)
+                engine.execute_async(plan, snapshot, _save_files, self._host_buffers)
             else:
                 engine.execute(plan, write, background=True)  # paddle.jit.save runs here, the rest in the worker
             names = [item.name for item in plan.items if item.format == TRAINING_STATE]
@@ -940,7 +939,6 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
                 self.engine.close()
             except Exception as exc:
                 error = exc
-        self._host_buffers.clear()  # the saves are over: the state's copy need not stay in memory
         if error is not None and (failing or self._sigterm):
             log.error("%s", error)
         if self._sigterm:

@@ -1,10 +1,10 @@
 """Host arrays that background saves copy a state into, kept from one save to the next.
 
 A fresh copy of a large state pays a page fault for every page it fills, each save; an
-array filled before does not. `Engine.execute_async` waits for the save in flight before
-it takes the next snapshot, so once `recycle()` has run (before each snapshot) every array
-handed out is free again. The arrays are whatever `allocate` makes (numpy here); adapters
-copy into them with their framework's means.
+array filled before does not. `Engine.execute_async(..., buffers)` waits for the save in
+flight, then calls `recycle()` before the next snapshot: every array handed out is free
+again. Its `close()` lets them go. The arrays are whatever `allocate` makes (numpy or
+torch); adapters copy into them with their framework's means.
 """
 
 from __future__ import annotations

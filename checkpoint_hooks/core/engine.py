@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from checkpoint_hooks.core import durable, retention
+from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import MonitorError, SaveError
 from checkpoint_hooks.core.hashing import checksum_file, take_written
@@ -115,6 +116,7 @@ class Engine:
     _last_saved_step: int = field(init=False, default=-1)
     _worker: ThreadPoolExecutor | None = field(init=False, default=None)
     _inflight: Future[list[Record]] | None = field(init=False, default=None)
+    _buffers: HostBuffers[Any] | None = field(init=False, default=None)  # what background snapshots copy into
     _index_exists: bool = field(init=False, default=False)
     _retained_in_full: bool = field(init=False, default=False)  # see _retention_candidates
     # Fit start from the head: the full index is parsed when first needed (the first save, at the latest at close).
@@ -581,18 +583,27 @@ class Engine:
         return []
 
     def execute_async(
-        self, plan: Plan, snapshot: Callable[[SaveItem], Any], write: Callable[[SaveItem, Any, str], None]
+        self,
+        plan: Plan,
+        snapshot: Callable[[SaveItem], Any],
+        write: Callable[[SaveItem, Any, str], None],
+        buffers: HostBuffers[Any] | None = None,
     ) -> None:
         """Save in the background: only `snapshot(item)` (a copy of the state in host memory) runs here.
 
         Writing, hashing, committing and pruning run in a worker thread through the same
         steps as `execute`, so nothing is visible before its commit. At most one save is in
         flight: this and every plan wait for the previous one. Its error surfaces at the next
-        plan or save, or at `wait()`/`close()` (the end of fit).
+        plan or save, or at `wait()`/`close()` (the end of fit). `buffers`, the arrays
+        `snapshot` copies into, are free again once that wait is over: they are recycled
+        before the snapshot, and let go at `close()`.
         """
         self.wait()
         if not plan:
             return
+        if buffers is not None:
+            buffers.recycle()
+            self._buffers = buffers
         if not self.run_decided:
             self.start_fresh()
         payloads: dict[str, Any] = {}
@@ -863,6 +874,9 @@ class Engine:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._buffers is not None:
+            self._buffers.clear()  # the saves are over: the state's copy need not stay in memory
+            self._buffers = None
         self._drop_downloads()
         if self._lock is not None:
             self._lock.release()

@@ -794,8 +794,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
         written here instead, and only their hashing, fsync and commit run in the worker.
         """
         if keras_snapshot.available() and not any(self._extensions[item.format] == LEGACY_EXT for item in plan.items):
-            self._host_buffers.recycle()  # free again by the snapshot: execute_async waits for the save in flight
-            engine.execute_async(plan, self._snapshot, lambda item, snapshot, path: snapshot.write(path))
+            engine.execute_async(plan, self._snapshot, lambda item, snapshot, path: snapshot.write(path), self._host_buffers)
         else:
             engine.execute(plan, self._write, background=True)
 
@@ -1066,8 +1065,6 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
             if raise_errors:
                 raise
             log.error("%s", exc)
-        finally:
-            self._host_buffers.clear()  # the saves are over: the state's copy need not stay in memory
 
 
 def _multi_process(model: Any) -> bool:

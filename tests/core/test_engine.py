@@ -353,6 +353,46 @@ def test_async_save_snapshots_now_writes_later_and_surfaces_errors(tmp_path, cap
     assert e.directory.verify() == []
 
 
+def test_background_buffers_are_recycled_once_the_save_in_flight_is_over_and_let_go_at_close(tmp_path):
+    import time
+
+    from checkpoint_hooks.core.buffers import HostBuffers
+
+    events = []
+
+    class Watched(HostBuffers):
+        def recycle(self):
+            events.append("recycle")
+            super().recycle()
+
+        def clear(self):
+            events.append("clear")
+            super().clear()
+
+    buffers = Watched(lambda shape, dtype: bytearray(shape[0]))
+
+    def snapshot(item):
+        events.append("snapshot")
+        array = buffers.take((4,), "u1")
+        array[:] = item.name.encode()[:4]
+        return array
+
+    def write(item, array, path):
+        time.sleep(0.1)  # still in flight when the next plan comes
+        with open(path, "wb") as f:
+            f.write(bytes(array))
+        events.append("written")
+
+    e = engine(dirpath=str(tmp_path), top_k=-1)
+    e.start()
+    first, second = e.plan(0, 1, {"val_loss": 0.5}), e.plan(1, 2, {"val_loss": 0.4})  # plan() itself waits
+    e.execute_async(first, snapshot, write, buffers)
+    e.execute_async(second, snapshot, write, buffers)
+    e.close()
+    assert events == ["recycle", "snapshot", "written", "recycle", "snapshot", "written", "clear"]
+    assert buffers._free == {} and buffers._used == []
+
+
 def test_background_execute_writes_now_and_commits_in_the_worker(tmp_path, monkeypatch, caplog):
     import threading
 

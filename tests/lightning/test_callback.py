@@ -235,7 +235,7 @@ def test_background_saves_copy_into_the_tensors_of_the_save_before(tmp_path, mon
     fit(LP, cb, 4)
     saves = taken.by_save(4)
     assert len(saves[0]) == len(taken.arrays) // 4 and saves[1] == saves[2] == saves[3] == saves[0]
-    assert cb._buffers._kept._free == {}  # let go at the end of fit
+    assert cb._buffers.kept._free == {}  # let go at the end of fit
 
 
 def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
