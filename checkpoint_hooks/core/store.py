@@ -75,19 +75,10 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def _remove_staging(path: str) -> None:
-    """Remove a staging folder; after a publish it is empty, or holds only empty folders."""
+    """Remove a staging folder: one rmdir after a publish (the engine removes each item's folder), else a walk."""
     try:
         os.rmdir(path)
-        return
-    except OSError:
-        pass
-    try:
-        with os.scandir(path) as entries:
-            folders = [entry.path for entry in entries]
-        for folder in folders:
-            os.rmdir(folder)
-        os.rmdir(path)
-    except OSError:  # files or deeper folders left (a failed save): the full walk
+    except OSError:  # something left: a failed save, or files written ahead and moved out of their folders
         shutil.rmtree(path, ignore_errors=True)
 
 
