@@ -1,7 +1,7 @@
 """The framework-free core: retention, manifest, store and the engine. Imports no training framework."""
 
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
-from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
+from checkpoint_hooks.core.engine import Engine
 from checkpoint_hooks.core.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -10,6 +10,7 @@ from checkpoint_hooks.core.errors import (
     MonitorError,
     SaveError,
 )
+from checkpoint_hooks.core.planner import Plan, SaveItem
 from checkpoint_hooks.core.records import FileEntry, Record
 from checkpoint_hooks.core.store import FsspecStore, LocalStore, open_store
 

@@ -396,19 +396,19 @@ def test_background_buffers_are_recycled_once_the_save_in_flight_is_over_and_let
 def test_background_execute_writes_now_and_commits_in_the_worker(tmp_path, monkeypatch, caplog):
     import threading
 
-    from checkpoint_hooks.core import engine as engine_module
+    from checkpoint_hooks.core import transaction as transaction_module
 
     e = engine(dirpath=str(tmp_path), top_k=1)
     e.start()
     writer_threads = []
     gate = threading.Event()
-    real_checksum = engine_module.checksum_file
+    real_checksum = transaction_module.checksum_file
 
     def held_checksum(path):
         gate.wait(10)  # hold the worker before its commit
         return real_checksum(path)
 
-    monkeypatch.setattr(engine_module, "checksum_file", held_checksum)
+    monkeypatch.setattr(transaction_module, "checksum_file", held_checksum)
 
     def write(item, path):
         writer_threads.append(threading.current_thread())

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from checkpoint_hooks.core import directory as directory_module
-from checkpoint_hooks.core import engine as engine_module
 from checkpoint_hooks.core import store as store_module
+from checkpoint_hooks.core import transaction as transaction_module
 
 _counts: dict[str, int] = {}
 
@@ -42,7 +42,7 @@ def install(spec: str | None = None) -> None:
     target, _, count = spec.partition(":")
     n = int(count or 1)
 
-    original_take_written: Callable[..., Any] = engine_module.take_written
+    original_take_written: Callable[..., Any] = transaction_module.take_written
 
     def take_written(path: str, *args: Any, **kwargs: Any) -> Any:  # the engine's first look at each written file
         if _reached("write", target, n):
@@ -51,7 +51,7 @@ def install(spec: str | None = None) -> None:
             _die()
         return original_take_written(path, *args, **kwargs)
 
-    engine_module.take_written = take_written  # type: ignore[assignment]
+    transaction_module.take_written = take_written  # type: ignore[assignment]
 
     original_replace = os.replace
 
