@@ -30,8 +30,8 @@ import torch
 from save_throughput import weights_state
 
 from checkpoint_hooks.core.engine import Engine, SaveItem
-from checkpoint_hooks.lightning import _SnapshotBuffers
 from checkpoint_hooks.policy import CheckpointPolicy
+from checkpoint_hooks.torch.io import SnapshotBuffers
 
 EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt"}
 
@@ -41,7 +41,7 @@ def main() -> None:
     repetitions = common.reps(args, default=5, quick=2)
     size = (64 if args.quick else 1024) * common.MiB
     state = weights_state(size)
-    buffers = _SnapshotBuffers()
+    buffers = SnapshotBuffers()
     background: list[float] = []
     first_blocked: list[float] = []
     with common.workdir(args, "async") as root:

@@ -52,8 +52,8 @@ import checkpoint_hooks.core.store as store_module
 from checkpoint_hooks.core import durable as durable_module
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.engine import Engine, SaveItem
-from checkpoint_hooks.lightning import save_torch
 from checkpoint_hooks.policy import CheckpointPolicy
+from checkpoint_hooks.torch.io import save_torch
 
 EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt"}
 

@@ -1,0 +1,302 @@
+"""`Checkpointer`: the shared policy for hand-written PyTorch training loops.
+
+    from checkpoint_hooks.torch import Checkpointer
+
+    with Checkpointer(model, optimizer, scheduler=scheduler, monitor="val_loss", dirpath="ckpt", top_k=3) as ckpt:
+        for epoch in ckpt.epochs(20):    # restores model, optimizer, scheduler, RNG; yields the remaining epochs
+            for batch in loader:
+                ...; optimizer.step()
+                ckpt.step()              # optional: step/time triggers and SIGTERM save points
+            ckpt.epoch_end(val_loss=val_loss)
+    print(ckpt.best_model_path)
+
+Run the same script again after a crash and it continues after the last saved epoch. A
+`training_state` (the default) is a `.pt` file holding `{"model", "optimizer", "scheduler",
+"checkpoint_hooks"}` that `torch.load(path, weights_only=True)` reads; `weights` is
+`model.state_dict()`, `model` is `torch.save(model)` (it pickles the class). The random
+states of Python, NumPy and torch (every CUDA device too) are saved with every training
+state and restored before the first epoch, so a resumed run draws the same dropout masks
+and shuffling orders as an uninterrupted one.
+
+Under DDP (`torch.distributed` initialized) rank zero writes; the others load the same
+checkpoint. A SIGTERM is acted on at the next `step()` or epoch boundary: a training state
+tagged `preempted` is saved and the signal then ends the process. Inside `with ckpt:` an
+exception escaping the loop saves one too (a plain `for` loop cannot tell an exception
+from a `break`). A mid-epoch checkpoint (`every_n_steps`) restarts its epoch from the first
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from checkpoint_hooks.core.engine import TRAINING_STATE, SaveItem
+from checkpoint_hooks.core.errors import CheckpointError
+from checkpoint_hooks.core.framework import ResumePoint
+from checkpoint_hooks.core.resume_state import ResumeState, read
+from checkpoint_hooks.core.session import FitSession
+from checkpoint_hooks.policy import CheckpointPolicy, load_policy
+from checkpoint_hooks.torch.io import (
+    SnapshotBuffers,
+    save_torch,
+    set_torch_rng_state,
+    state_mismatch,
+    torch_rng_state,
+)
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger("checkpoint_hooks")
+
+EXTENSIONS = {TRAINING_STATE: ".pt", "weights": ".weights.pt", "model": ".model.pt"}
+STATE_KEY = "checkpoint_hooks"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class _Torch:
+    """The `Framework` of a plain PyTorch loop: what the Checkpointer was given, saved and loaded."""
+
+    name = "PyTorch"
+    extensions = EXTENSIONS
+    default_format = TRAINING_STATE
+    resumable_formats = frozenset({TRAINING_STATE})
+    epoch_base = 0
+    resumes_mid_epoch = False  # the loop over batches is the user's: it cannot be entered half-way
+    handles_sigterm = False
+    broadcasts = True
+
+    def __init__(self, owner: Checkpointer) -> None:
+        self.owner = owner
+        self.copies = SnapshotBuffers()
+        self.buffers = self.copies.kept
+        self.start = 0
+        self.stop = False
+        self._model_warned = False
+
+    def is_writer(self) -> bool:
+        return not _distributed() or torch.distributed.get_rank() == 0
+
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size() if _distributed() else 1
+
+    def broadcast(self, value: Any) -> Any:
+        if not _distributed() or torch.distributed.get_world_size() == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        if not _distributed():
+            return flag
+        box = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        return bool(box.item())
+
+    def _state(self, item: SaveItem) -> Any:
+        owner = self.owner
+        if item.format == "weights":
+            return owner.network.state_dict()
+        if item.format == "model":
+            return owner.network
+        state: dict[str, Any] = {"model": owner.network.state_dict()}
+        if owner.optimizer is not None:
+            state["optimizer"] = owner.optimizer.state_dict()
+        if owner.scheduler is not None:
+            state["scheduler"] = owner.scheduler.state_dict()
+        state[STATE_KEY] = owner.session.payload(item, rng=self._gathered_rng()).to_dict()
+        return state
+
+    def _gathered_rng(self) -> list[dict[str, Any]]:
+        mine = self.owner.session.rng_state()
+        if self.world_size() <= 1:
+            return [mine]
+        states: list[Any] = [None] * self.world_size()
+        torch.distributed.all_gather_object(states, mine)
+        return states
+
+    def write(self, item: SaveItem, path: str) -> None:
+        state = self._state(item)  # every rank: gathering the random states is a collective
+        if not self.is_writer():
+            return
+        if item.format == "model" and not self._model_warned:
+            self._model_warned = True
+            log.warning(
+                "format='model' pickles the %s class: loading needs that class importable at the same module "
+                "path, and torch.load(..., weights_only=False)", type(self.owner.network).__name__
+            )
+        save_torch(state, path, self.owner.policy.verify)
+
+    def can_snapshot(self, item: SaveItem) -> bool:
+        return item.format != "model"
+
+    def snapshot(self, item: SaveItem) -> Any:
+        state = self._state(item)
+        return self.copies.copy(state) if self.is_writer() else None
+
+    def write_snapshot(self, item: SaveItem, snapshot: Any, path: str) -> None:
+        save_torch(snapshot, path, self.owner.policy.verify)
+
+    def load(self, path: str) -> ResumeState | None:
+        owner = self.owner
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
+            raise CheckpointError(
+                f"{path} is not a training state of checkpoint_hooks.torch (a dict with 'model'); "
+                "resume from one of its training_state checkpoints, or set resume='never'"
+            )
+        mismatch = state_mismatch(owner.network.state_dict(), checkpoint["model"])
+        if mismatch is not None:
+            raise CheckpointError(
+                f"could not load {path} into this model: {mismatch}; the model differs from the one that saved it. "
+                "Start fresh with resume='never' or another dirpath"
+            )
+        owner.network.load_state_dict(checkpoint["model"])
+        if owner.optimizer is not None and "optimizer" in checkpoint:
+            owner.optimizer.load_state_dict(checkpoint["optimizer"])
+        if owner.scheduler is not None and "scheduler" in checkpoint:
+            owner.scheduler.load_state_dict(checkpoint["scheduler"])
+        return read(checkpoint.get(STATE_KEY))
+
+    def set_start(self, point: ResumePoint) -> None:
+        self.start = point.start_epoch
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def rng_state(self) -> dict[str, Any]:
+        return torch_rng_state()
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        set_torch_rng_state(state)
+
+
+class Checkpointer:
+    """Top-k best checkpoints, snapshots, a rolling last and automatic resume for a hand-written loop.
+
+    Args:
+        model: the module to save (a DistributedDataParallel wrapper is saved as its inner module).
+        optimizer: its optimizer (saved and restored with training states).
+        scheduler: an LR scheduler (likewise).
+        policy: a `CheckpointPolicy`, a dict of its fields or a YAML file path.
+        **policy_fields: any policy field (monitor, dirpath, top_k, snapshots, format, resume, ...);
+            they override `policy`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        scheduler: Any = None,
+        policy: CheckpointPolicy | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        **policy_fields: Any,
+    ) -> None:
+        self.policy = load_policy(policy, **policy_fields)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self._framework = _Torch(self)
+        self.session = FitSession(self.policy, self._framework)
+        self.global_step = 0
+        self.epoch = -1
+        self.resumed_from: ResumePoint | None = None
+        self._epoch_ended = True
+        self._guarded = False  # inside `with`: __exit__ decides what an early end of the loop means
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The module whose state is saved: the model inside a DistributedDataParallel wrapper."""
+        inner = getattr(self.model, "module", None)
+        is_ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        return inner if is_ddp and isinstance(inner, torch.nn.Module) else self.model
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], model: torch.nn.Module, optimizer: Any = None, **kwargs: Any) -> Checkpointer:
+        """A Checkpointer with the policy of a YAML file; keyword arguments override its fields."""
+        return cls(model, optimizer, policy=os.fspath(path), **kwargs)
+
+    def epochs(self, epochs: int) -> Iterator[int]:
+        """Restore the newest checkpoint (per `resume`), then yield the epochs left of `range(epochs)`."""
+        fw = self._framework
+        fw.start, fw.stop = 0, False
+        point = self.session.begin()
+        self.resumed_from = point
+        if point is not None:
+            self.global_step = point.step
+            self.session.restore_rng(point.state, torch.distributed.get_rank() if _distributed() else 0)
+        finished = False
+        try:
+            for epoch in range(fw.start, epochs):
+                if fw.stop:
+                    break
+                self.epoch, self._epoch_ended = epoch, False
+                self.session.epoch_begin(epoch)
+                yield epoch
+                if not self._epoch_ended:
+                    self.epoch_end()
+                if self.session.stop_requested():
+                    self.session.stop_for_preemption()
+            finished = True
+        finally:
+            if finished:
+                self.session.end()
+            elif not self._guarded:
+                self.session.end(failing=True)  # a break or an exception: without `with`, no way to tell
+        if point is not None and fw.start >= epochs:
+            log.info("training was already complete (%d epochs); best checkpoint: %s", epochs, self.best_model_path or "none")
+
+    def step(self, **metrics: Any) -> None:
+        """Count an optimizer step; a safe point for step/time triggers and SIGTERM.
+
+        Args:
+            **metrics: values a mid-epoch save records (e.g. the running loss).
+        """
+        self.global_step += 1
+        self.session.batch_end(self.global_step, metrics=_scalars(metrics) if metrics else None)
+
+    def epoch_end(self, **metrics: Any) -> None:
+        """End the current epoch: save what the policy asks for, given the epoch's metrics (`val_loss=...`)."""
+        if self.epoch < 0:
+            raise CheckpointError("epoch_end() was called outside `for epoch in ckpt.epochs(n)`")
+        self._epoch_ended = True
+        values = _scalars(metrics)
+        if self.policy.monitor is not None:
+            self.session.check_monitor(values, strict=True)
+        self.session.epoch_end(self.epoch, self.global_step, values)
+
+    def __enter__(self) -> Checkpointer:
+        self._guarded = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._guarded = False
+        if exc is not None:
+            self.session.on_exception(exc)  # saves a training state when the rules say so, then ends the fit
+        else:
+            self.session.end()  # a loop left with break
+
+    @property
+    def best_model_path(self) -> str:
+        return self.session.best_model_path
+
+    @property
+    def best_model_score(self) -> float | None:
+        return self.session.best_model_score
+
+    @property
+    def last_model_path(self) -> str:
+        return self.session.last_model_path
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
