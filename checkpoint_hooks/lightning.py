@@ -7,38 +7,35 @@
 The class derives from the `ModelCheckpoint` of every Lightning namespace installed
 (`lightning.pytorch` and `pytorch_lightning`), so one class works with either Trainer,
 is found as `trainer.checkpoint_callback`, and keeps Lightning from adding its own.
+A `FitSession` runs the fit (resume choice, triggers, preemption); the Trainer saves
+and restores its own checkpoint dict, which carries the resume payload under `STATE_KEY`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import random
 import re
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import IO, Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 
-from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.directory import CheckpointDirectory
-from checkpoint_hooks.core.durable import DurableFile
-from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, Plan, SaveItem
-from checkpoint_hooks.core.errors import CheckpointError, MonitorError
+from checkpoint_hooks.core.engine import TRAINING_STATE, Engine, SaveItem
+from checkpoint_hooks.core.framework import ResumePoint
+from checkpoint_hooks.core.resume_state import ResumeState, read
+from checkpoint_hooks.core.session import FitSession
 from checkpoint_hooks.core.store import is_url
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
+from checkpoint_hooks.torch.io import SnapshotBuffers, save_torch, set_torch_rng_state, torch_rng_state
 
 log = logging.getLogger("checkpoint_hooks")
 
-EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt", "model": ".model.pt"}
-RNG_KEY = "checkpoint_hooks_rng"
+EXTENSIONS = {TRAINING_STATE: ".ckpt", "weights": ".weights.pt", "model": ".model.pt"}
+STATE_KEY = "checkpoint_hooks"  # the resume payload, a key of Lightning's checkpoint dict
+RNG_KEY = "checkpoint_hooks_rng"  # what earlier releases kept there: every rank's random states
 
 
 def _model_checkpoint_bases() -> tuple[type, ...]:
@@ -49,9 +46,7 @@ def _model_checkpoint_bases() -> tuple[type, ...]:
         except ImportError:
             continue
     if not bases:
-        raise ImportError(
-            "checkpoint_hooks.lightning needs PyTorch Lightning: pip install 'checkpoint-hooks[lightning]'"
-        )
+        raise ImportError("checkpoint_hooks.lightning needs PyTorch Lightning: pip install 'checkpoint-hooks[lightning]'")
     return tuple(bases)
 
 
@@ -74,76 +69,10 @@ def lightning_filename(template: str) -> str:
     return re.sub(r"\{([^{}:!]+)(?:[:!][^{}]*)?\}", insert, template)
 
 
-def _collect_rng() -> dict[str, Any]:
-    version, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        # a tensor, not an ndarray: Lightning loads checkpoints with weights_only=True
-        "numpy": (version, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
-    }
-
-
-def _restore_rng(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, inner, gauss = state["python"]
-    random.setstate((version, tuple(inner), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else None
-    return value
-
-
-_crc32_lock = threading.Lock()
-_crc32_users = 0
-_crc32_before = True
-
-
-@contextmanager
-def _without_torch_crc32() -> Iterator[None]:
-    """torch.save skips the CRC32 of its zip records while the block runs.
-
-    That CRC costs 0.3-0.6 s per GiB here (benchmarks/save_throughput.py), while our xxh3 checksum
-    of the file covers the same bytes, and torch.load does not check it. torch.load, Lightning's
-    restore and fit(ckpt_path=...) load such files (tests/lightning/test_resume_overlap.py); zip
-    tools report the records' CRC as wrong. The option is process-wide: a torch.save on another
-    thread meanwhile skips it too.
-    """
-    global _crc32_users, _crc32_before
-    getter = getattr(torch.serialization, "get_crc32_options", None)
-    setter = getattr(torch.serialization, "set_crc32_options", None)
-    if getter is None or setter is None:  # torch < 2.4 always computes it
-        yield
-        return
-    with _crc32_lock:
-        if _crc32_users == 0:
-            _crc32_before = getter()
-            setter(False)
-        _crc32_users += 1
-    try:
-        yield
-    finally:
-        with _crc32_lock:
-            _crc32_users -= 1
-            if _crc32_users == 0:
-                setter(_crc32_before)
-
-
-def save_torch(obj: Any, path: str, checksum: bool = True) -> None:
-    """`torch.save(obj, path)` through a DurableFile: hashed as it is written, its writeback started early.
-
-    Args:
-        obj: what to save.
-        path: the file to write.
-        checksum: whether the engine checksums the file (the policy's `verify`); then torch's own
-            zip CRC32 is skipped, as the checksum covers every byte of the file.
-    """
-    with _without_torch_crc32() if checksum else nullcontext(), DurableFile(path) as f:
-        torch.save(obj, cast(IO[bytes], f))  # a binary file object, as torch.save asks
+def _metrics(trainer: Any) -> dict[str, Any]:
+    """The logged values as numbers (tensors of one element), without the others."""
+    values = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in trainer.callback_metrics.items()}
+    return {k: v for k, v in values.items() if not isinstance(v, torch.Tensor) and v is not None}
 
 
 def _own_method(obj: Any, method: str, base: str, module_suffix: str) -> bool:
@@ -172,34 +101,98 @@ def _saves_with_torch_save(trainer: Any) -> bool:
     )
 
 
-class _SnapshotBuffers:
-    """Copies of a state's tensors in host memory, in tensors kept from one save to the next.
+class _Lightning:
+    """The `Framework` of a Lightning fit: the Trainer saves, loads and restores its loops itself."""
 
-    Reusing them spares the copy the page faults of fresh allocations (`core.buffers`);
-    `Engine.execute_async` recycles `kept` before each snapshot and lets it go at close.
-    """
+    name = "Lightning"
+    extensions = EXTENSIONS
+    default_format = TRAINING_STATE
+    resumable_formats = frozenset({TRAINING_STATE})
+    epoch_base = 0
+    resumes_mid_epoch = True  # the loops' progress is in the checkpoint
+    handles_sigterm = True  # Lightning raises SIGTERMException, seen in on_exception
+    broadcasts = True
 
-    def __init__(self) -> None:
-        self.kept: HostBuffers[torch.Tensor] = HostBuffers(_empty_host_tensor)
+    def __init__(self, owner: BestCheckpoint) -> None:
+        self.owner = owner
+        self.trainer: Any = None  # set in setup("fit"), cleared at its teardown
+        self.buffers = owner._buffers.kept
+        self.item: SaveItem | None = None  # being written: on_save_checkpoint puts its payload in the dict
+        self.loading = False
+        self.loaded: ResumeState | None = None  # the payload of the checkpoint Lightning restored last
+        self.wrote = False  # a save ran (on every rank) since ModelCheckpoint's attributes were mirrored
+        self._model_warned = False
 
-    def copy(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            buffer = self.kept.take(tuple(value.shape), value.dtype)
-            buffer.copy_(value.detach())
-            return buffer
-        if isinstance(value, dict):
-            copied = {k: self.copy(v) for k, v in value.items()}
-            out: dict[Any, Any] = OrderedDict(copied) if isinstance(value, OrderedDict) else copied
-            if hasattr(value, "_metadata"):  # state_dict versions, read back by load_state_dict
-                out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
-            return out
-        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-            return type(value)(self.copy(v) for v in value)
-        return copy.deepcopy(value)  # numbers, strings, RNG states: small, and they change as training goes on
+    def is_writer(self) -> bool:
+        return bool(self.trainer.is_global_zero)
 
+    def world_size(self) -> int:
+        return int(self.trainer.world_size)
 
-def _empty_host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="cpu")
+    def broadcast(self, value: Any) -> Any:
+        return self.trainer.strategy.broadcast(value)
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def write(self, item: SaveItem, path: str) -> None:
+        trainer = self.trainer
+        self.item, self.wrote = item, True
+        try:
+            if item.format == TRAINING_STATE:
+                self.owner._save_checkpoint(trainer, path)  # every rank: the strategy gathers state, rank zero writes
+            elif trainer.is_global_zero:
+                module = trainer.lightning_module
+                if item.format == "model" and not self._model_warned:
+                    self._model_warned = True
+                    log.warning(
+                        "format='model' pickles the %s class: loading needs that class importable at the "
+                        "same module path, and torch.load(..., weights_only=False)", type(module).__name__,
+                    )
+                save_torch(module.state_dict() if item.format == "weights" else module, path, self.owner.policy.verify)
+        finally:
+            self.item = None
+
+    def can_snapshot(self, item: SaveItem) -> bool:
+        return item.format != "model"
+
+    def snapshot(self, item: SaveItem) -> Any:
+        """What `write` would save, copied into host memory the background save owns (async_save)."""
+        trainer = self.trainer
+        self.item, self.wrote = item, True
+        try:
+            if item.format == TRAINING_STATE:
+                state = trainer._checkpoint_connector.dump_checkpoint(False)  # every rank, as save_checkpoint does
+                trainer.strategy.barrier("BestCheckpoint.snapshot")
+            else:
+                state = trainer.lightning_module.state_dict()
+        finally:
+            self.item = None
+        return self.owner._buffers.copy(state) if trainer.is_global_zero else None
+
+    def write_snapshot(self, item: SaveItem, snapshot: Any, path: str) -> None:
+        save_torch(snapshot, path, self.owner.policy.verify)
+
+    def load(self, path: str) -> ResumeState | None:
+        """Load a checkpoint into the model and the callbacks, in on_fit_start: the last moment a callback can
+        hand the Trainer a checkpoint, as it restores loops, optimizers and schedulers from it right after."""
+        connector = self.trainer._checkpoint_connector
+        connector._loaded_checkpoint = {}  # one that failed verification: its tensors go before the next load
+        self.loaded, self.loading = None, True
+        try:
+            connector._restore_modules_and_callbacks(path)
+        finally:
+            self.loading = False
+        return self.loaded
+
+    def set_start(self, point: ResumePoint) -> None:
+        """Nothing to do: Lightning continues from the loops' progress in the checkpoint, mid-epoch too."""
+
+    def request_stop(self) -> None:
+        self.trainer.should_stop = True
+
+    rng_state = staticmethod(torch_rng_state)
+    set_rng_state = staticmethod(set_torch_rng_state)
 
 
 class BestCheckpoint(*_BASES):  # type: ignore[misc]
@@ -277,15 +270,11 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             mode=resolved.resolved_mode,
         )
         self.policy = resolved
-        self._engine: Engine | None = None
-        self._trainer: Any = None
-        self._pending_rng: list[Any] | None = None
+        self._buffers = SnapshotBuffers()
+        self._framework = _Lightning(self)
+        self.session = FitSession(resolved, self._framework)
         self._validated_epoch = -1
         self._ever_validated = False
-        self._missing_warned = False
-        self._model_warned = False
-        self._buffers = _SnapshotBuffers()
-        self._restoring = False
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> BestCheckpoint:
@@ -294,7 +283,7 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
 
     @property
     def engine(self) -> Engine | None:
-        return self._engine
+        return self.session.engine
 
     # -- setup and resume -------------------------------------------------------------
 
@@ -307,109 +296,26 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        self._trainer = trainer
-        if self._engine is not None:
-            self._engine.close()
+        self._framework.trainer, self._framework.loaded = trainer, None
         dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
-        policy = self.policy.model_copy(update={"dirpath": dirpath})
-        self._engine = Engine(policy, extensions=EXTENSIONS, is_writer=trainer.is_global_zero)
-        self.dirpath = self._engine.directory.url
-        self._engine.open()
+        self.session.policy = self.policy.model_copy(update={"dirpath": dirpath})
+        # open here: Lightning restores callbacks from a user's ckpt_path (load_state_dict) before on_fit_start
+        self.dirpath = self.session.open().directory.url
         self._validated_epoch, self._ever_validated = -1, False
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        engine = self._engine
-        if engine is None:
-            return
-        if trainer.ckpt_path is None:
-            if self.policy.resume == "auto":
-                self._resume_newest(trainer, engine)
-            else:
-                path = self._choose_resume(engine) if trainer.is_global_zero else None
-                path = trainer.strategy.broadcast(path)
-                if path:
-                    self._restore(trainer, path, chosen=False)
-        if not engine.run_decided:
-            engine.start_fresh()  # the user's own ckpt_path, or one not in this directory
-        if self._pending_rng:
-            # Last thing before the first epoch's data loader draws its shuffling seed.
-            states = self._pending_rng
-            _restore_rng(states[trainer.global_rank] if trainer.global_rank < len(states) else states[0])
-            self._pending_rng = None
+        # With the user's own ckpt_path Lightning restores it (load_state_dict adopts it when it is one of ours).
+        self.session.begin(restore="none" if trainer.ckpt_path is not None else "policy")
+        # Last thing before the first epoch's data loader draws its shuffling seed.
+        self.session.restore_rng(self._framework.loaded, trainer.global_rank)
+        self._framework.loaded = None
         self._sync(trainer)
 
-    def _restore(self, trainer: Any, path: str, chosen: bool) -> None:
-        """Load a checkpoint into the model and the callbacks (and, right after on_fit_start, the loops).
-
-        Lightning resolves ckpt_path before any callback runs; on_fit_start is the one place a
-        callback can still hand it a checkpoint: the Trainer restores loops, optimizers and
-        schedulers from it right after on_fit_start. A checkpoint `chosen` by automatic resume is
-        adopted once it verifies, not by load_state_dict while it loads.
-        """
-        self._restoring = chosen
-        try:
-            trainer._checkpoint_connector._restore_modules_and_callbacks(path)
-        finally:
-            self._restoring = False
-
-    def _resume_newest(self, trainer: Any, engine: Engine) -> None:
-        """Restore the newest resumable checkpoint, verifying its checksum while Lightning loads it.
-
-        Verifying first and loading after reads the file twice in a row; in parallel the two readers share
-        the page cache (and a single read from disk when it is cold). If the checksum fails (whether the load raised or not), the previous
-        checkpoint is restored instead: a full restore sets the model, optimizers, schedulers, loops and
-        callbacks again, so nothing of the bad one remains. A load error of a checkpoint that verifies is
-        raised. Under several processes rank zero verifies and tells the others to go on or to load the next.
-        """
-        candidates = iter(engine.resume_candidates() if trainer.is_global_zero else [])
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-verify") as verifier:
-            while True:
-                record = next(candidates, None)
-                path, check = None, None
-                if record is not None:
-                    try:
-                        path = engine.local_path(record)  # a download from a remote store
-                        check = verifier.submit(engine.problems, record)
-                    except OSError:
-                        problems = engine.problems(record)
-                        if not problems:
-                            raise
-                        engine.warn_skipped(record, problems)
-                        continue
-                path = trainer.strategy.broadcast(path)
-                if not path:
-                    return
-                error: Exception | None = None
-                try:
-                    self._restore(trainer, path, chosen=True)
-                except Exception as exc:
-                    error = exc
-                problems = check.result() if check is not None else []
-                if trainer.strategy.broadcast(not problems):
-                    if error is not None:
-                        raise error
-                    if record is not None:
-                        engine.adopt(record)
-                    return
-                if record is not None:
-                    engine.warn_skipped(record, problems)
-                # the next load replaces everything; drop the bad one's tensors before it
-                trainer._checkpoint_connector._loaded_checkpoint = {}
-
-    def _choose_resume(self, engine: Engine) -> str | None:
-        """The checkpoint `resume` names (a path), or None for `resume="never"`."""
-        resume = self.policy.resume
-        if resume == "never":
-            return None
-        record = engine.find_record(resume)
-        if record is not None:
-            engine.adopt(record, discard_newer=False)
-            return engine.local_path(record)
-        if not os.path.exists(resume) and not is_url(resume):
-            raise PolicyError(f"resume points at a checkpoint that does not exist. Received: resume={resume!r}")
-        return resume
-
     # -- saving -----------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # the step Lightning restored (a user's ckpt_path is restored after on_fit_start): triggers count from it
+        self.session.epoch_begin(trainer.current_epoch, step=trainer.global_step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
@@ -417,96 +323,31 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
             self._ever_validated = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
-        engine = self._engine
-        if engine is None or (self.policy.every_n_steps is None and self.policy.every_n_minutes is None):
-            return
-        due = None
-        if trainer.is_global_zero:
-            # the epoch end right after the last batch saves a training state anyway
-            at_epoch_end = self.policy.last and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            due = not at_epoch_end and (engine.step_due(trainer.global_step) or engine.time_due())
-        if trainer.strategy.broadcast(due):
-            self._save_training_state(trainer, pl_module, preempted=False)
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        self.session.batch_end(trainer.global_step, last_batch=last, metrics=lambda: _metrics(trainer))
+        if self._framework.wrote:
+            self._sync(trainer)
 
-    def _save_training_state(self, trainer: Any, pl_module: Any, preempted: bool) -> None:
-        """A mid-epoch training_state (Lightning's loops restore mid-epoch progress from it)."""
-        assert self._engine is not None
-        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        plan = None
-        if trainer.is_global_zero:
-            plan = self._engine.plan_training_state(
-                trainer.current_epoch, trainer.global_step, {k: v for k, v in metrics.items() if v is not None},
-                mid_epoch=True, preempted=preempted,
-            )
-        plan = trainer.strategy.broadcast(plan)
-        # in the foreground: a save on preemption must be on disk before the process ends
-        self._execute(self._engine, plan, trainer, pl_module, background=not preempted)
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = _metrics(trainer)
+        monitor = self.policy.monitor
+        if monitor is not None:
+            if monitor not in metrics:
+                # missing before the first validation is expected; after one, it is an error
+                self.session.check_monitor(metrics, strict=trainer.fit_loop.epoch_loop.val_loop._has_run)
+            elif self._ever_validated and self._validated_epoch != trainer.current_epoch:
+                # Validation skipped this epoch: its values are from an earlier one, so do not rank them.
+                metrics.pop(monitor)
+        self.session.epoch_end(trainer.current_epoch, trainer.global_step, metrics)
         self._sync(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # the rolling last was saved at the final epoch end; a background save of it finishes here
-        if self._engine is not None:
-            self._engine.wait()
+        if self.session.engine is not None:
+            self.session.engine.wait()
             self._sync(trainer)
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        engine = self._engine
-        if engine is None or trainer.sanity_checking:
-            return
-        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None}
-        monitor = self.policy.monitor
-        if monitor is not None:
-            if monitor not in metrics:
-                self._missing_monitor(trainer, metrics)
-            elif self._ever_validated and self._validated_epoch != trainer.current_epoch:
-                # Validation skipped this epoch: its values are from an earlier one, so do not rank them.
-                metrics.pop(monitor)
-        plan = engine.plan(trainer.current_epoch, trainer.global_step, metrics) if trainer.is_global_zero else None
-        plan = trainer.strategy.broadcast(plan)
-        if plan:
-            self._execute(engine, plan, trainer, pl_module)
-        self._sync(trainer)
-
-    def _missing_monitor(self, trainer: Any, metrics: Mapping[str, Any]) -> None:
-        assert self._engine is not None
-        try:
-            self._engine.require_monitor(metrics)
-        except MonitorError as exc:
-            if trainer.fit_loop.epoch_loop.val_loop._has_run:
-                raise
-            if not self._missing_warned:
-                self._missing_warned = True
-                log.warning("%s; skipping top-k until it appears", exc)
-
-    def _execute(self, engine: Engine, plan: Plan, trainer: Any, pl_module: Any, background: bool = True) -> None:
-        checksum = self.policy.verify
-        if background and self.policy.async_save and all(item.format != "model" for item in plan.items):
-            engine.execute_async(
-                plan,
-                lambda item: self._snapshot(item, trainer, pl_module),
-                lambda item, state, path: save_torch(state, path, checksum),
-                self._buffers.kept,
-            )
-            return
-
-        def write(item: SaveItem, path: str) -> None:
-            if item.format == TRAINING_STATE:
-                self._save_checkpoint(trainer, path)  # every rank: the strategy gathers state, rank zero writes
-            elif trainer.is_global_zero:
-                if item.format == "weights":
-                    save_torch(pl_module.state_dict(), path, checksum)
-                else:
-                    if not self._model_warned:
-                        self._model_warned = True
-                        log.warning(
-                            "format='model' pickles the %s class: loading needs that class importable at the "
-                            "same module path, and torch.load(..., weights_only=False)",
-                            type(pl_module).__name__,
-                        )
-                    save_torch(pl_module, path, checksum)
-
-        engine.execute(plan, write)
 
     def _save_checkpoint(self, trainer: Any, path: str) -> None:
         """What `trainer.save_checkpoint(path)` does, with the file written through `save_torch` when it may.
@@ -523,22 +364,14 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
                 save_torch(checkpoint, path, self.policy.verify)
             trainer.strategy.barrier("Trainer.save_checkpoint")
 
-    def _snapshot(self, item: SaveItem, trainer: Any, pl_module: Any) -> Any:
-        """What `write` would save, copied into host memory the background save owns (async_save)."""
-        if item.format == TRAINING_STATE:
-            state = trainer._checkpoint_connector.dump_checkpoint(False)  # every rank, as save_checkpoint does
-            trainer.strategy.barrier("BestCheckpoint.snapshot")
-        else:
-            state = pl_module.state_dict()
-        return self._buffers.copy(state) if trainer.is_global_zero else None
-
     # -- ModelCheckpoint's public attributes ---------------------------------------------
 
     def _sync(self, trainer: Any) -> None:
         """Mirror the engine's view into ModelCheckpoint's attributes, identical on every rank."""
         summary = None
-        if trainer.is_global_zero and self._engine is not None:
-            engine = self._engine
+        self._framework.wrote = False
+        engine = self.session.engine
+        if trainer.is_global_zero and engine is not None:
             ranked = engine.top_k_records()
             monitor = self.policy.monitor
             summary = {
@@ -567,68 +400,52 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         """What `trainer.fit(ckpt_path="last")` loads: the newest committed training state."""
         directory = CheckpointDirectory(self._resolve_dirpath(trainer))
         manifest = directory.read_manifest()
-        if manifest is None:
-            return set()
-        resumable = [r for r in manifest.records if r.format == TRAINING_STATE]
-        if not resumable:
-            return set()
-        newest = max(resumable, key=lambda r: r.seq)
-        return {directory.store.join(newest.primary_path)}
+        resumable = [r for r in manifest.records if r.format == TRAINING_STATE] if manifest is not None else []
+        return {directory.store.join(max(resumable, key=lambda r: r.seq).primary_path)} if resumable else set()
 
     # -- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = self._engine.state_dict() if self._engine is not None and self._engine.is_writer else {}
+        engine = self.session.engine
+        state = engine.state_dict() if engine is not None and engine.is_writer else {}
         state["monitor"] = self.policy.monitor
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._engine is not None and not self._restoring:
-            self._engine.load_state_dict(state_dict)
+        engine, fw = self.session.engine, self._framework
+        # Only in a fit; automatic resume adopts its checkpoint once it verifies, not while it loads.
+        if engine is not None and fw.trainer is not None and not (fw.loading and self.session.policy.resume == "auto"):
+            engine.load_state_dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        states: list[Any] = [None] * trainer.world_size
-        mine = _collect_rng()
+        mine = self.session.rng_state()
+        states: list[Any] = [mine]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
             torch.distributed.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        checkpoint[RNG_KEY] = states
+        item = self._framework.item
+        # a save of the user's own (trainer.save_checkpoint): where in the epoch it is, is Lightning's to know
+        payload = self.session.payload(item, rng=states) if item is not None else ResumeState(None, trainer.global_step, rng=states)
+        checkpoint[STATE_KEY] = payload.to_dict()
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng = checkpoint.get(RNG_KEY)
+        self._framework.loaded = read(checkpoint[STATE_KEY] if STATE_KEY in checkpoint else checkpoint.get(RNG_KEY))
 
     # -- end --------------------------------------------------------------------------
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # SIGTERMException, Ctrl-C or an error: the session saves a training state when its rules say so
         try:
-            if self._should_save_on(trainer, exception):
-                log.warning("%s stopped training; saving a training state to resume from", type(exception).__name__)
-                self._save_training_state(trainer, pl_module, preempted=True)
+            self.session.on_exception(exception)
         finally:
-            self._close()
-
-    def _should_save_on(self, trainer: Any, exception: BaseException) -> bool:
-        """SIGTERM (Lightning's SIGTERMException), Ctrl-C or an error escaping fit(), once training began.
-
-        Not for errors of the checkpointing itself. Under several processes only for SIGTERM,
-        which every rank receives; a save after an error on one rank would wait for the others forever.
-        """
-        engine = self._engine
-        if not self.policy.save_on_preemption or engine is None or not engine.run_decided:
-            return False
-        if isinstance(exception, (CheckpointError, PolicyError)) or trainer.global_step == 0:
-            return False
-        sigterm = type(exception).__name__ == "SIGTERMException"
-        return bool(sigterm or trainer.world_size == 1)
+            self._framework.trainer = None  # no teardown hook follows an exception
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            self._close()
-
-    def _close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+            try:
+                self.session.end()
+            finally:
+                self._framework.trainer = None
 
     def __repr__(self) -> str:
         return f"BestCheckpoint(monitor={self.policy.monitor!r}, dirpath={self.policy.dirpath!r}, top_k={self.policy.top_k})"

@@ -156,7 +156,10 @@ def test_save_kinds_load_back(tmp_path, fmt, caplog):
     else:
         ckpt = torch.load(path, weights_only=False)
         assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step"} <= set(ckpt)
-        assert "checkpoint_hooks_rng" in ckpt
+        state = ckpt["checkpoint_hooks"]  # the resume payload: where training was, and every rank's RNG
+        assert (state["format"], state["epoch"], state["step"], state["mid_epoch"]) == ("checkpoint_hooks.resume", 0, 4, False)
+        assert {"python", "numpy", "torch"} <= set(state["rng"][0])
+        assert torch.load(path, weights_only=True)["checkpoint_hooks"] == state
 
 
 def test_policy_object_and_yaml(tmp_path):
@@ -220,6 +223,18 @@ def test_step_trigger_saves_mid_epoch_and_resumes(tmp_path):
     cb3 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "mid", last=False, top_k=0)
     t3 = fit(LP, cb3, 2)
     assert t3.global_step == 8  # Lightning restored mid-epoch progress: 2 more steps, not a whole epoch
+
+
+def test_step_trigger_counts_from_the_step_of_a_user_ckpt_path(tmp_path, caplog):
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1)
+    fit(LP, cb, 1)  # one epoch: step 4
+    caplog.set_level(logging.INFO, "checkpoint_hooks")
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "steps", every_n_train_steps=3, top_k=0, verbose=True)
+    t = trainer(LP, [cb2], 2)
+    t.fit(make_module(LP), loader(), loader(), ckpt_path=cb.last_model_path)
+    saved = re.findall(r"saved epoch \d+ .*?: \S*/(\S+)", caplog.text)
+    # step 6 is the only multiple of 3 in steps 5-8; Lightning restores step 4 only after on_fit_start
+    assert saved[0] == "last-epoch=001-step=6.ckpt" and saved[1].startswith("epoch=001-val_loss=") and len(saved) == 2, saved
 
 
 def test_time_trigger_maps_train_time_interval(tmp_path):
