@@ -14,7 +14,8 @@ import pytest
 
 from checkpoint_hooks.core import SaveError, SaveItem
 from checkpoint_hooks.core.buffers import HostBuffers
-from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint, _host_array, _host_copy, _save_files
+from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint
+from checkpoint_hooks.paddle.io import host_array, host_copy, save_files
 from tests.paddle.toy import (
     VAL_OFFSETS,
     Recorder,
@@ -145,12 +146,12 @@ def test_an_exception_waits_for_the_save_in_flight_then_saves_a_preempted_state(
 @pytest.mark.parametrize("arrays", ["new", "kept from the save before"])
 def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp_path, monkeypatch, arrays):
     """The worker writes each save's files well after the next epoch started changing the tensors in place."""
-    import checkpoint_hooks.paddle as adapter
+    import checkpoint_hooks.paddle.io as adapter
 
     if arrays != "new":
         monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)  # the toy's tensors are small
 
-    real = adapter._save_files
+    real = adapter.save_files
     threads = []
 
     def late_save_files(*args: Any) -> None:
@@ -158,7 +159,7 @@ def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp
         time.sleep(0.2)
         real(*args)
 
-    monkeypatch.setattr(adapter, "_save_files", late_save_files)
+    monkeypatch.setattr(adapter, "save_files", late_save_files)
     fit(str(tmp_path / "sync"), 4, monitor=None, top_k=-1)
     assert threads == ["MainThread"] * 4
     threads.clear()
@@ -177,31 +178,31 @@ def test_async_files_hold_the_state_of_their_epoch_while_the_next_one_trains(tmp
             assert len(sync_arrays) == len(background_arrays) > 0
             assert all(np.array_equal(a, b) for a, b in zip(sync_arrays, background_arrays, strict=True)), name + suffix
             if suffix == ".pdopt":
-                assert sync[STATE_KEY]["global_step"] == background[STATE_KEY]["global_step"]
+                assert sync[STATE_KEY]["step"] == background[STATE_KEY]["step"]
     verifies(str(tmp_path / "async"))
 
 
 def test_background_saves_copy_into_the_arrays_of_the_save_before(tmp_path, monkeypatch):
-    import checkpoint_hooks.paddle as adapter
+    import checkpoint_hooks.paddle.io as adapter
 
     taken = TakenArrays(monkeypatch)
     monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)  # the toy's tensors are small: kept all the same
     callback, _, _ = fit(str(tmp_path / "ck"), 4, monitor=None, top_k=-1, async_save=True)
     saves = taken.by_save(4)
     assert len(saves[0]) == len(taken.arrays) // 4 and saves[1] == saves[2] == saves[3] == saves[0]
-    assert callback._host_buffers._free == {}  # let go at the end of fit
+    assert callback._paddle.buffers._free == {}  # let go at the end of fit
 
 
 def test_small_tensors_are_copied_afresh_and_large_ones_into_kept_arrays():
     buffers: HostBuffers[np.ndarray] = HostBuffers(np.empty)
     small, large = paddle.ones([8, 8]), paddle.ones([1024, 512])  # 256 B and 2 MiB of float32
-    first, second = _host_array(large, buffers), _host_array(large, buffers)
+    first, second = host_array(large, buffers), host_array(large, buffers)
     assert second is not first  # both in use by this save
-    _host_array(small, buffers)
+    host_array(small, buffers)
     buffers.recycle()
     with paddle.no_grad():
         large.set_value(large * 3.0)
-    again = _host_array(large, buffers)
+    again = host_array(large, buffers)
     assert again is first or again is second  # an array of the save before
     assert np.array_equal(again, large.numpy()) and float(again[0, 0]) == 3.0
     assert list(buffers._free) == [((1024, 512), np.dtype("float32"))]  # nothing of the small tensor was kept
@@ -210,7 +211,7 @@ def test_small_tensors_are_copied_afresh_and_large_ones_into_kept_arrays():
 @pytest.mark.parametrize("buffers", ["new arrays", "arrays of an earlier save"])
 @pytest.mark.parametrize("kind", ["network", "optimizer", "nested"])
 def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, monkeypatch, kind, buffers):
-    import checkpoint_hooks.paddle as adapter
+    import checkpoint_hooks.paddle.io as adapter
 
     monkeypatch.setattr(adapter, "REUSE_MIN_BYTES", 0)
     model = regression_model(0)
@@ -226,14 +227,14 @@ def test_a_host_copy_pickles_to_the_bytes_paddle_save_writes(tmp_path, monkeypat
     pool = None
     if buffers != "new arrays":
         pool = HostBuffers(np.empty)
-        _host_copy(regression_model(1).network.state_dict(), pool)  # other values, the same shapes
+        host_copy(regression_model(1).network.state_dict(), pool)  # other values, the same shapes
         pool.recycle()
-    copy = _host_copy(state, pool)
+    copy = host_copy(state, pool)
     with paddle.no_grad():  # training goes on: the copy keeps the values it was taken with
         for parameter in network.parameters():
             parameter.set_value(parameter + 1.0)
     if kind == "optimizer":
         state[STATE_KEY]["epoch"] = 1  # and so do the plain dicts beside the tensors
     item = SaveItem(name="x", format="weights", roles=frozenset(), filename="x.pdparams")
-    _save_files(item, {".pdparams": copy}, str(tmp_path / "ours.pdparams"))
+    save_files(item, {".pdparams": copy}, str(tmp_path / "ours.pdparams"))
     assert (tmp_path / "ours.pdparams").read_bytes() == (tmp_path / "paddle.save").read_bytes()

@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from checkpoint_hooks.core import MonitorError
+from checkpoint_hooks.core import MonitorError, resume_state
 from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint
 from checkpoint_hooks.policy import PolicyError
 from tests.paddle.toy import (
@@ -96,9 +96,13 @@ def test_training_state_is_what_model_load_reads(tmp_path):
         if key != "LR_Scheduler":
             assert np.array_equal(np.asarray(loaded[key]), saved[key].numpy()), key
 
-    assert state["epoch"] == 2 and state["global_step"] == 12
-    assert state["param_names"] == {name: p.name for name, p in model.network.named_parameters()}
-    assert state["learning_rate"] is None  # a scheduler's rate lives in the .pdopt
+    payload = resume_state.read(state)  # plain data: the resume payload every adapter writes
+    assert payload is not None and state["format"] == resume_state.FORMAT
+    assert payload.epoch == 2 and payload.step == 12 and not payload.mid_epoch
+    assert payload.extra["param_names"] == {name: p.name for name, p in model.network.named_parameters()}
+    assert payload.extra["learning_rate"] is None  # a scheduler's rate lives in the .pdopt
+    assert payload.extra["world_size"] == 1
+    assert sorted(payload.rng_of(0)) == ["numpy", "paddle", "python"]
 
 
 def test_monitor_mistakes_are_reported_with_the_available_names(tmp_path):

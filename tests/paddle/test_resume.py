@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import random
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,9 @@ import numpy as np
 import paddle
 import pytest
 
+from checkpoint_hooks.core import resume_state
 from checkpoint_hooks.paddle import STATE_KEY, BestCheckpoint
+from checkpoint_hooks.paddle.io import paddle_rng_state, set_paddle_rng_state
 from checkpoint_hooks.policy import PolicyError
 from tests.paddle.toy import (
     VAL_OFFSETS,
@@ -199,6 +203,10 @@ def test_two_ranks_write_once_and_resume_together(tmp_path):
         assert_same_state(state, reference)
     # One record per epoch: only rank 0 wrote.
     assert [r["name"] for r in manifest_records(part)] == ["epoch=000-step=2", "epoch=001-step=4", "epoch=002-step=6"]
+    # The random states of both ranks are in it: each rank restores its own.
+    payload = resume_state.read(paddle.load(os.path.join(part, "epoch=002-step=6.pdopt"))[STATE_KEY])
+    assert payload is not None and payload.extra["world_size"] == 2
+    assert [sorted(r) for r in payload.rng] == [["numpy", "paddle", "python"]] * 2
     assert listing(part) == listing(full)
 
 
@@ -217,25 +225,89 @@ def test_explicit_path_to_a_model_save_prefix_loads_it_and_counts_from_zero(tmp_
     assert recorder.trained == [0, 1]
     assert callback.resumed_from is None
     assert_same_state(portable_state(model), portable_state(reference))
-    with pytest.raises(PolicyError, match=r"resume='nowhere' is not a checkpoint: 'nowhere.pdparams' does not exist"):
+    with pytest.raises(PolicyError, match=r"resume must be 'auto', 'never' or an existing checkpoint; 'nowhere' does not exist"):
         fit(str(tmp_path / "d"), epochs=1, monitor=None, top_k=1, resume="nowhere")
 
 
-def test_explicit_path_to_a_version_1_training_state_resumes_at_its_epoch(tmp_path):
-    """Version 1 kept the callback's state in `<name>.state.json` and `<name>.pdrng` beside the .pdparams."""
-    _, _, reference = fit(str(tmp_path / "ref"), epochs=4, monitor=None, top_k=-1)
-    fit(str(tmp_path / "a"), epochs=2, monitor=None, top_k=-1)
-    source, old = str(tmp_path / "a" / "epoch=001-step=8"), str(tmp_path / "v1" / "ck")
-    os.makedirs(os.path.dirname(old))
+class RngProbe(paddle.callbacks.Callback):
+    """The random states of Python, NumPy and Paddle when `epoch` begins (listed after BestCheckpoint)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.states: tuple | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
+        if epoch == self.epoch:
+            numpy_state = np.random.get_state()
+            self.states = (random.getstate(), numpy_state[1].tolist(), numpy_state[2:],
+                           [g.__getstate__() for g in paddle.get_rng_state()])
+
+
+def write_earlier_layout(source: str, old: str, version: int) -> None:
+    """The training state `source` as versions 1 and 2 of this callback wrote it, at `old`.
+
+    Both pickled the random states ({"paddle": GeneratorStates, "numpy": ..., "python": ...});
+    version 2 kept them and the other fields under STATE_KEY of the .pdopt, version 1 in
+    `<name>.pdrng` and `<name>.state.json` beside the .pdparams.
+    """
+    os.makedirs(os.path.dirname(old), exist_ok=True)
     shutil.copyfile(source + ".pdparams", old + ".pdparams")
     optimizer = paddle.load(source + ".pdopt")
-    state = optimizer.pop(STATE_KEY)
+    payload = resume_state.read(optimizer.pop(STATE_KEY))
+    rng = payload.rng_of(0)
+    set_paddle_rng_state(rng, source)
+    python, numpy_state = rng["python"], rng["numpy"]
+    pickled = pickle.dumps({
+        "paddle": paddle.get_rng_state(),
+        "numpy": (numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:]),
+        "python": (python[0], tuple(python[1]), python[2]),
+    })
+    fields = {"version": version, "epoch": payload.epoch, "global_step": payload.step, **payload.extra}
+    if version == 2:
+        optimizer[STATE_KEY] = {**fields, "mid_epoch": payload.mid_epoch, "epoch_step": payload.epoch_step,
+                                "rng": pickled}
+        paddle.save(optimizer, old + ".pdopt")
+        return
     paddle.save(optimizer, old + ".pdopt")
     with open(old + ".pdrng", "wb") as f:
-        f.write(state.pop("rng"))  # the pickled random states, as version 1 wrote them
+        f.write(pickled)
     with open(old + ".state.json", "w", encoding="utf-8") as f:
-        json.dump({**state, "version": 1}, f)
+        json.dump(fields, f)
 
-    _, recorder, model = fit(str(tmp_path / "c"), epochs=4, seed=5, monitor=None, top_k=-1, resume=old + ".pdparams")
+
+@pytest.mark.parametrize("version", [1, 2, "current"])
+def test_explicit_path_to_a_training_state_of_every_release_resumes_at_its_epoch(tmp_path, version):
+    """Earlier layouts of the payload resume as the current one does: weights, optimizer and random states."""
+    def run(directory: str, epochs: int, seed: int, **options) -> tuple[Recorder, RngProbe, paddle.Model]:
+        model = regression_model(seed)
+        recorder, probe = Recorder(), RngProbe(2)
+        callback = BestCheckpoint(dirpath=directory, monitor=None, top_k=-1, **options)
+        model.fit(Regression(), batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+                  callbacks=[callback, recorder, probe])
+        return recorder, probe, model
+
+    _, reference_rng, reference = run(str(tmp_path / "ref"), 4, 0)
+    run(str(tmp_path / "a"), 2, 0)
+    source, old = str(tmp_path / "a" / "epoch=001-step=8"), str(tmp_path / "old" / "ck")
+    if version == "current":
+        old = source
+    else:
+        write_earlier_layout(source, old, version)
+
+    recorder, probe, model = run(str(tmp_path / "c"), 4, 5, resume=old + ".pdparams")
     assert recorder.trained == [2, 3]
     assert_same_state(portable_state(model), portable_state(reference))
+    assert reference_rng.states is not None and probe.states == reference_rng.states
+    assert [r["name"] for r in manifest_records(str(tmp_path / "c"))] == ["epoch=002-step=12", "epoch=003-step=16"]
+
+
+def test_paddle_random_states_are_plain_data_that_restore_the_same_draws():
+    paddle.seed(3)
+    paddle.rand([5])
+    saved = paddle_rng_state()
+    assert json.loads(json.dumps(saved)) == saved
+    expected = paddle.rand([4]).numpy()
+    paddle.seed(11)
+    set_paddle_rng_state(saved, "test")
+    assert np.array_equal(paddle.rand([4]).numpy(), expected)

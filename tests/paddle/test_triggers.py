@@ -46,7 +46,7 @@ class Lasts(paddle.callbacks.Callback):
         if record is None or (self.seen and self.seen[-1][0] == record.name):
             return
         state = paddle.load(engine.path_of(record).removesuffix(".pdparams") + ".pdopt")[STATE_KEY]
-        assert state["mid_epoch"] == record.mid_epoch and state["global_step"] == record.step
+        assert state["mid_epoch"] == record.mid_epoch and state["step"] == record.step
         self.seen.append((record.name, record.step, record.mid_epoch, sorted(record.tags), state["epoch_step"]))
 
     on_train_batch_begin = on_epoch_begin = on_epoch_end = on_train_end = look
@@ -164,14 +164,16 @@ def test_an_exception_escaping_fit_saves_a_preempted_state_and_the_rerun_starts_
     assert checkpoints.verify_record(record) == []
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+    with caplog.at_level(logging.DEBUG, logger="checkpoint_hooks"):
         callback, _, recorder, model = fit(directory, 3, model=regression_model(5))
     assert callback.resumed_from.name == "preempted-epoch=001-step=6"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert (
-        "resuming from preempted-epoch=001-step=6, saved during epoch 1 after 2 of its batches: fit() cannot skip "
-        "batches, so epoch 1 starts over from its first batch with the restored weights and trains on those "
-        "batches again; epochs 0-0 are done and fit() passes over them"
-    ) in caplog.text
+        "resumed from preempted-epoch=001-step=6.pdparams, saved during epoch 1 at step 6; Paddle cannot skip "
+        "batches, so epoch 1 starts over from its first batch with the restored weights and trains on the 2 "
+        "batch(es) it had trained before the save once more (the step count ends that much higher)"
+    ) in warnings
+    assert "resuming at epoch 1: epochs 0-0 are done and fit() passes over them" in caplog.text
     assert recorder.trained == [1, 2]  # epoch 1 again in full, the same epoch count as an uninterrupted run
     # The step counter goes on from the checkpoint's 6: epoch 1's first two batches count twice.
     assert records(directory) == [
@@ -224,15 +226,44 @@ def test_sigterm_with_a_handler_of_the_users_saves_then_runs_that_handler(tmp_pa
 
     assert calls == [signal.SIGTERM]
     assert after is users_handler
-    # The callback's own handler until the save, the user's from then on.
-    assert seen[:6] == [callback._watch._handle] * 6 and set(seen[6:]) == {users_handler}
+    # The callback's own handler until the save; the user's handler returned and fit() stopped there:
+    # no batch began after the save, and epoch 1 ended after its second batch.
+    assert callback.session.watch is not None and seen == [callback.session.watch._handle] * 6
     assert [entry[:4] for entry in lasts.seen] == [
         ("epoch=000-step=4", 4, False, ["best", "last"]),
         ("preempted-epoch=001-step=6", 6, True, ["last", "preempted"]),
-        ("epoch=001-step=8", 8, False, ["best", "last"]),
-        ("epoch=002-step=12", 12, False, ["best", "last"]),
     ]
-    assert recorder.trained == [0, 1, 2]
+    assert recorder.trained == [0, 1]
+    assert callback.session.preempted
+    assert records(str(tmp_path))[-1] == ("preempted-epoch=001-step=6", 1, 6, True, ["last", "preempted"])
+
+
+def test_sigterm_after_a_fit_that_died_unseen_takes_its_previous_course(tmp_path):
+    """An error in another callback's epoch end ends fit() where no hook of ours runs; a SIGTERM after it is
+    not held for a fit that is gone: the handler from before that fit gets it, and the directory is released."""
+    calls: list[int] = []
+
+    class FailAtEpochEnd(paddle.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if epoch == 1:  # epoch 0 was saved as epoch 1 began
+                raise RuntimeError("broken callback")
+
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with pytest.raises(RuntimeError, match="broken callback"):
+            fit(str(tmp_path), 3, FailAtEpochEnd())
+        assert calls == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not None and "checkpoint_hooks" not in repr(
+            signal.getsignal(signal.SIGTERM)
+        )
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    # Released: another callback's fit resumes from the epoch saved before the failure.
+    callback, _, recorder, _ = fit(str(tmp_path), 3)
+    assert callback.resumed_from is not None and callback.resumed_from.name == "epoch=000-step=4"
+    assert recorder.trained == [1, 2]
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -318,7 +349,7 @@ def test_sigterm_on_one_of_two_ranks_stops_both_once_rank_0_saved(tmp_path):
     assert not [name for name in listing(str(tmp_path)) if name.startswith("out")]  # neither rank finished fit()
     # Only rank 0 got the signal; both agreed on stopping after batch 3 (2 batches an epoch on each rank).
     assert "SIGTERM received; saving a training state" in logs["workerlog.0"]
-    assert "SIGTERM received (by this rank or another); stopping once rank 0 saved" in logs["workerlog.1"]
+    assert "SIGTERM received (by this process or another); stopping once the writer saved" in logs["workerlog.1"]
     assert records(directory) == [
         ("epoch=000-step=2", 0, 2, False, ["best"]),
         ("preempted-epoch=001-step=3", 1, 3, True, ["last", "preempted"]),
