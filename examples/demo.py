@@ -1,7 +1,7 @@
 """`make demo`: in each framework, train a tiny model with BestCheckpoint, kill the run mid-way with SIGKILL,
 run the same command again (it continues), then print the checkpoint table and draw the metric.
 
-    python examples/demo.py            # Lightning, Keras and Paddle, then a framework-free loop
+    python examples/demo.py            # Lightning, Keras, Paddle, a plain PyTorch loop, then a framework-free one
     python examples/demo.py --quick    # fewer epochs (what the test suite runs)
 
 Each framework runs in its own process. Outputs go to demo_output/ (printed at the end).
@@ -10,7 +10,6 @@ Each framework runs in its own process. Outputs go to demo_output/ (printed at t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from checkpoint_hooks.core import CheckpointDirectory, CheckpointError  # noqa: E402  (imports no framework)
 
 
 def say(text: str) -> None:
@@ -27,11 +29,12 @@ def say(text: str) -> None:
 
 
 def committed_epochs(directory: str) -> list[int]:
+    """The epochs of the committed checkpoints, as `checkpoint-hooks ls` sees them (journal included)."""
     try:
-        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
-            return sorted({r["epoch"] for r in json.load(f)["records"]})
-    except (OSError, ValueError, KeyError):
-        return []
+        manifest = CheckpointDirectory(directory).read_manifest()
+    except (OSError, CheckpointError):
+        return []  # not created yet, or caught mid-write: ask again
+    return sorted({r.epoch for r in manifest.records}) if manifest is not None else []
 
 
 def env() -> dict[str, str]:
@@ -48,7 +51,8 @@ def train(command: list[str], log_path: str, kill_after_epoch: int | None) -> in
             if kill_after_epoch is not None and kill_after_epoch in committed_epochs(directory):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                say(f"  killed with SIGKILL after epoch {kill_after_epoch} was committed (no cleanup ran)")
+                say(f"  killed with SIGKILL after epoch {kill_after_epoch} was committed (no cleanup ran); "
+                    f"committed then: epochs {committed_epochs(directory)}")
                 return proc.returncode
             time.sleep(0.05)
     if proc.returncode != 0:
@@ -73,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer epochs")
     parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--only", default="lightning,keras,paddle,toy", help="comma-separated subset")
+    parser.add_argument("--only", default="lightning,keras,paddle,torch,toy", help="comma-separated subset")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -83,6 +87,9 @@ def main() -> None:
         "lightning": [sys.executable, os.path.join(HERE, "lightning_quickstart.py"), "--epochs", str(epochs)],
         "keras": [sys.executable, os.path.join(HERE, "keras_quickstart.py"), "--epochs", str(epochs)],
         "paddle": [sys.executable, os.path.join(HERE, "paddle_quickstart.py"), "--epochs", str(epochs)],
+        # an epoch of this tiny loop takes milliseconds: slowed down so the kill lands mid-run
+        "torch": [sys.executable, os.path.join(HERE, "torch_quickstart.py"), "--epochs", str(epochs),
+                  "--epoch-seconds", "0.5"],
         "toy": [sys.executable, os.path.join(HERE, "toy_training.py"), "--epochs", str(epochs)],
     }
     started = time.monotonic()

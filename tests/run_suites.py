@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-SUITES = ["core", "cli", "lightning", "keras", "paddle", "reliability", "docs"]
+SUITES = ["core", "cli", "lightning", "keras", "paddle", "torch", "reliability", "conformance", "docs"]
 COUNTS = re.compile(r"(\d+) (passed|failed|error|errors|skipped)")
 
 
