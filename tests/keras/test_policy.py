@@ -222,24 +222,74 @@ def test_explicit_resume_path(tmp_path: Any) -> None:
     assert names == ["p1", "p2", "p3", "p3-v1"]
 
 
+def version_1_copy(source: Any, target: Any, member: dict[str, Any] | None) -> dict[str, Any]:
+    """`source` (a resumable .keras) copied to `target` as version 1 wrote it; returns version 1's state.
+
+    Version 1's state: format "checkpoint_hooks.keras", the epoch, step, mid_epoch, the seed states of the
+    model's SeedGenerators and the Keras version and backend, at the top level. With `member` None it goes
+    nowhere (the caller writes it beside the file); else into the zip as `checkpoint_hooks.json`.
+    """
+    state = saved_state(str(source))
+    old = {
+        "format": "checkpoint_hooks.keras",
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "mid_epoch": state["mid_epoch"],
+        "seed_states": state["extra"]["seed_states"],
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    target.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as copy:
+        for info in archive.infolist():
+            if info.filename != "checkpoint_hooks.json":
+                copy.writestr(info, archive.read(info))
+        if member is not None:
+            copy.writestr("checkpoint_hooks.json", json.dumps({**old, **member}))
+    return old
+
+
+def seed_states(model: keras.Model) -> list[Any]:
+    return [np.asarray(g.state.numpy()).tolist() for layer in model._flatten_layers() for g in getattr(layer, "_seed_generators", ())]
+
+
+def resume_from(path: Any, dirpath: Any) -> tuple[keras.callbacks.History, keras.Model, list[Any]]:
+    """A fresh model with dropout fits 4 epochs resuming from `path`; the seed states it started with."""
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(dirpath), filename="p{epoch}", resume=str(path))
+    model = make_model(seed=1, dropout=True)
+    seen: list[Any] = []
+    probe = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.append(seed_states(model)))
+    history = fit(model, [Script([0] * 4), callback, probe], epochs=4)
+    return history, model, seen[0]
+
+
 def test_explicit_resume_path_to_a_version_1_file_with_its_state_beside_it(tmp_path: Any) -> None:
     """Version 1 wrote the epoch, step and seed states to `<file>.state.json` instead of into the .keras."""
-    fit(make_model(), [Script([0.3, 0.5]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "a"), filename="p{epoch}")],
+    fit(make_model(dropout=True),
+        [Script([0.3, 0.5]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "a"), filename="p{epoch}")],
         epochs=2)
     old = tmp_path / "v1" / "ck.keras"
-    old.parent.mkdir()
-    with zipfile.ZipFile(tmp_path / "a" / "p2.keras") as source, zipfile.ZipFile(old, "w") as target:
-        for info in source.infolist():
-            if info.filename != "checkpoint_hooks.json":
-                target.writestr(info, source.read(info))
-    state = saved_state(str(tmp_path / "a" / "p2.keras"))
+    state = version_1_copy(tmp_path / "a" / "p2.keras", old, member=None)
     (tmp_path / "v1" / "ck.keras.state.json").write_text(json.dumps(state), encoding="utf-8")
 
-    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "b"), filename="p{epoch}", resume=str(old))
-    model = make_model(seed=1)
-    history = fit(model, [Script([0] * 4), callback], epochs=4)
+    history, model, seeds = resume_from(old, tmp_path / "b")
     assert history.epoch == [2, 3]
     assert int(model.optimizer.iterations.numpy()) == 16
+    assert seeds == state["seed_states"] != seed_states(make_model(seed=1, dropout=True))
+
+
+def test_a_version_1_file_with_its_state_in_the_zip_resumes(tmp_path: Any) -> None:
+    """Version 1's zip member, mid-epoch: its epoch starts over, with its seed states."""
+    fit(make_model(dropout=True),
+        [Script([0.3, 0.5]), BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path / "a"), filename="p{epoch}")],
+        epochs=2)
+    old = tmp_path / "v1" / "ck.keras"
+    state = version_1_copy(tmp_path / "a" / "p2.keras", old, member={"mid_epoch": True, "epoch_batches": 3})
+
+    history, model, seeds = resume_from(old, tmp_path / "b")
+    assert history.epoch == [1, 2, 3]  # epoch 2 (1-based) was not finished: it starts over
+    assert int(model.optimizer.iterations.numpy()) == 8 + 3 * 4
+    assert seeds == state["seed_states"]
 
 
 def test_a_second_fit_of_the_same_callback_continues_its_run(tmp_path: Any) -> None:

@@ -110,7 +110,7 @@ def test_sigkill_after_a_mid_epoch_save_restarts_that_epoch(runs: dict[str, Any]
     again = runs["kill_again"]
     assert again.code == 0, again.output
     assert "Keras cannot skip batches, so epoch 2 starts over from its first batch" in again.output
-    assert "the 2 batch(es) it trained before the save are trained again" in again.output
+    assert "trains on the 2 batch(es) it had trained before the save once more" in again.output
     assert again.seen is not None
     assert again.seen["iterations_at_start"] == 6
     # Epoch 2 runs again in full: 4 epochs in all, and 2 optimizer steps more than an uninterrupted run's 16.

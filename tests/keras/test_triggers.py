@@ -73,7 +73,7 @@ class LastProbe(keras.callbacks.Callback):
         if path and os.path.basename(path) not in self.states:
             state = saved_state(path)
             self.states[os.path.basename(path)] = {
-                k: state.get(k) for k in ("epoch", "step", "mid_epoch", "epoch_batches")
+                k: state.get(k) for k in ("epoch", "step", "mid_epoch", "epoch_step")
             }
         self.handlers[step_of(self.model)] = signal.getsignal(signal.SIGTERM)
 
@@ -90,10 +90,10 @@ def test_every_n_steps_saves_mid_epoch_training_states(tmp_path: Any) -> None:
         12: ninth,
     }  # fmt: skip
     assert probe.states == {
-        f"{third}.keras": {"epoch": 0, "step": 3, "mid_epoch": True, "epoch_batches": 3},
-        "e1.keras": {"epoch": 0, "step": 4, "mid_epoch": False, "epoch_batches": None},
-        f"{sixth}.keras": {"epoch": 1, "step": 6, "mid_epoch": True, "epoch_batches": 2},
-        f"{ninth}.keras": {"epoch": 2, "step": 9, "mid_epoch": True, "epoch_batches": 1},
+        f"{third}.keras": {"epoch": 0, "step": 3, "mid_epoch": True, "epoch_step": 3},
+        "e1.keras": {"epoch": 0, "step": 4, "mid_epoch": False, "epoch_step": None},
+        f"{sixth}.keras": {"epoch": 1, "step": 6, "mid_epoch": True, "epoch_step": 2},
+        f"{ninth}.keras": {"epoch": 2, "step": 9, "mid_epoch": True, "epoch_step": 1},
     }
     assert summary(tmp_path) == {"e3": (["best", "last"], 2, 12, False)}
     history = read_index(tmp_path)["history"]
@@ -114,6 +114,22 @@ def test_integer_save_freq_means_every_n_steps_in_policy_mode(tmp_path: Any) -> 
         BestCheckpoint(dirpath=str(tmp_path), save_freq=2, every_n_steps=3)
     with pytest.raises(PolicyError, match=r"Received: save_freq=0"):
         BestCheckpoint(dirpath=str(tmp_path), save_freq=0)
+
+
+def test_with_steps_per_execution_a_crossed_multiple_of_every_n_steps_saves(tmp_path: Any) -> None:
+    checkpoint = BestCheckpoint(monitor="loss", dirpath=str(tmp_path), filename="e{epoch}", every_n_steps=2)
+    probe = LastProbe(checkpoint)
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", steps_per_execution=3)
+    fit(model, [checkpoint, probe], epochs=2)
+    # Batch ends come after 3 steps and after the epoch's last one: 3, 4, 7, 8. Steps 2 and 6 are crossed, never hit.
+    first, second = "last-epoch=001-step=3", "last-epoch=002-step=7"
+    assert probe.lasts == {3: first, 4: first, 7: second, 8: second}
+    assert probe.states == {
+        f"{first}.keras": {"epoch": 0, "step": 3, "mid_epoch": True, "epoch_step": 3},
+        f"{second}.keras": {"epoch": 1, "step": 7, "mid_epoch": True, "epoch_step": 3},
+    }
+    assert summary(tmp_path) == {"e2": (["best", "last"], 1, 8, False)}
 
 
 class FakeClock:
