@@ -654,3 +654,28 @@ class FitSession:
         engine = self.engine
         record = engine.best_record if engine is not None else None
         return record.score(self.policy.monitor) if record is not None else None
+
+
+class KeptCheckpoints:
+    """What the run kept, as every adapter shows it: read from its `session` attribute (None before one)."""
+
+    def _kept(self) -> FitSession | None:
+        session = getattr(self, "session", None)
+        return session if isinstance(session, FitSession) else None
+
+    @property
+    def best_model_path(self) -> str:
+        """Path of the best checkpoint's primary file ('' before the first save)."""
+        session = self._kept()
+        return session.best_model_path if session is not None else ""
+
+    @property
+    def best_model_score(self) -> float | None:
+        session = self._kept()
+        return session.best_model_score if session is not None else None
+
+    @property
+    def last_model_path(self) -> str:
+        """Path of the rolling last checkpoint ('' before the first save)."""
+        session = self._kept()
+        return session.last_model_path if session is not None else ""

@@ -17,7 +17,7 @@ from checkpoint_hooks.core.engine import Engine, Plan
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import BEST
 from checkpoint_hooks.core.retention import is_better
-from checkpoint_hooks.core.session import FitSession
+from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
 from checkpoint_hooks.keras.arguments import KERAS_EXT, WEIGHTS_EXT, Default, build_policy, given, plain, resolve_mode
 from checkpoint_hooks.keras.export import export_best
 from checkpoint_hooks.keras.framework import KerasFramework
@@ -27,7 +27,7 @@ from checkpoint_hooks.policy import CheckpointPolicy, SnapshotPolicy
 log = logging.getLogger("checkpoint_hooks")
 
 
-class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
+class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
     """ModelCheckpoint with top-k retention, snapshots, a rolling last checkpoint and automatic resume.
 
     Drop-in mode: given `filepath` and only ModelCheckpoint's arguments, it does
@@ -207,18 +207,6 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):  # type: ignore[misc]
     def engine(self) -> Engine | None:
         """The engine of the current (or latest) fit; None in drop-in mode or before fit()."""
         return self.session.engine if self.session is not None else None
-
-    @property
-    def best_model_path(self) -> str:
-        return self.session.best_model_path if self.session is not None else ""
-
-    @property
-    def best_model_score(self) -> float | None:
-        return self.session.best_model_score if self.session is not None else None
-
-    @property
-    def last_model_path(self) -> str:
-        return self.session.last_model_path if self.session is not None else ""
 
     @property
     def preempted(self) -> bool:

@@ -73,7 +73,7 @@ import paddle
 from checkpoint_hooks.core import Engine, MonitorError, Record
 from checkpoint_hooks.core.engine import TRAINING_STATE
 from checkpoint_hooks.core.errors import CheckpointError
-from checkpoint_hooks.core.session import FitSession
+from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
 from checkpoint_hooks.paddle.framework import PaddleFramework
 from checkpoint_hooks.paddle.hapi import BetweenBatches, EpochMean, below, fit_frame, has_loss, metrics
 from checkpoint_hooks.paddle.io import STATE_KEY
@@ -103,7 +103,7 @@ def _releasing(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
+class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
     """Keep the best checkpoints by a monitored metric, periodic snapshots and a rolling last; resume fit().
 
     It is a `ModelCheckpoint`, so `fit()` adds no checkpoint callback of its own:
@@ -168,20 +168,6 @@ class BestCheckpoint(paddle.callbacks.ModelCheckpoint):
     @property
     def engine(self) -> Engine | None:
         return self.session.engine
-
-    @property
-    def best_model_path(self) -> str:
-        """Path of the best checkpoint's primary file ('' before the first save)."""
-        return self.session.best_model_path
-
-    @property
-    def best_model_score(self) -> float | None:
-        return self.session.best_model_score
-
-    @property
-    def last_model_path(self) -> str:
-        """Path of the rolling last training_state's `.pdparams` ('' before the first save)."""
-        return self.session.last_model_path
 
     @property
     def hapi_model(self) -> Any:

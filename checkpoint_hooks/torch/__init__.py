@@ -40,7 +40,7 @@ from checkpoint_hooks.core.engine import TRAINING_STATE, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError
 from checkpoint_hooks.core.framework import ResumePoint
 from checkpoint_hooks.core.resume_state import ResumeState, read
-from checkpoint_hooks.core.session import FitSession
+from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
 from checkpoint_hooks.policy import CheckpointPolicy, load_policy
 from checkpoint_hooks.torch.io import (
     SnapshotBuffers,
@@ -180,7 +180,7 @@ class _Torch:
         set_torch_rng_state(state)
 
 
-class Checkpointer:
+class Checkpointer(KeptCheckpoints):
     """Top-k best checkpoints, snapshots, a rolling last and automatic resume for a hand-written loop.
 
     Args:
@@ -284,19 +284,6 @@ class Checkpointer:
             self.session.on_exception(exc)  # saves a training state when the rules say so, then ends the fit
         else:
             self.session.end()  # a loop left with break
-
-    @property
-    def best_model_path(self) -> str:
-        return self.session.best_model_path
-
-    @property
-    def best_model_score(self) -> float | None:
-        return self.session.best_model_score
-
-    @property
-    def last_model_path(self) -> str:
-        return self.session.last_model_path
-
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in metrics.items()}
