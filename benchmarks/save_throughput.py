@@ -47,8 +47,8 @@ from typing import Any
 import _common as common
 import torch
 
-import checkpoint_hooks.core.engine as engine_module
 import checkpoint_hooks.core.store as store_module
+import checkpoint_hooks.core.transaction as transaction_module
 from checkpoint_hooks.core import durable as durable_module
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.engine import Engine, SaveItem
@@ -144,8 +144,8 @@ class Parts:
 
 
 def instrument(parts: Parts) -> None:
-    engine_module.take_written = parts.wrap("hash", engine_module.take_written)  # type: ignore[assignment]
-    engine_module.checksum_file = parts.wrap("hash", engine_module.checksum_file)  # type: ignore[assignment]
+    transaction_module.take_written = parts.wrap("hash", transaction_module.take_written)  # type: ignore[assignment]
+    transaction_module.checksum_file = parts.wrap("hash", transaction_module.checksum_file)  # type: ignore[assignment]
     original_syncing = durable_module.syncing
 
     @contextmanager

@@ -17,18 +17,16 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
-import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoint_hooks.core import retention, transaction
+from checkpoint_hooks.core import retention
 from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import SaveError
@@ -568,19 +566,3 @@ class Engine:
             self._lock.release()
             self._lock = None
         self._started = False
-
-
-class _PatchPoints(types.ModuleType):
-    """Patching `checksum_file` or `take_written` here reaches the transaction, which uses them now.
-
-    They were looked up in this module before the split, and tests/reliability/test_disk.py and
-    benchmarks/save_throughput.py still patch them here; new code patches `transaction`.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("checksum_file", "take_written"):
-            setattr(transaction, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _PatchPoints

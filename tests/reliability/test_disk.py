@@ -31,16 +31,16 @@ def full_disk_engine(small_fs, tmp_path, monkeypatch, **kw):
     """An engine on a real 1 MiB tmpfs, or on a normal folder whose writes fail with ENOSPC past 1 MiB."""
     if small_fs is not None:
         return engine(small_fs / "ckpt", **kw)
-    from checkpoint_hooks.core import engine as engine_module
+    from checkpoint_hooks.core import transaction
 
-    original = engine_module.checksum_file
+    original = transaction.checksum_file
 
     def checksum_file(path):
         if os.path.getsize(path) > 500_000:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return original(path)
 
-    monkeypatch.setattr(engine_module, "checksum_file", checksum_file)
+    monkeypatch.setattr(transaction, "checksum_file", checksum_file)
     return engine(tmp_path / "ckpt", **kw)
 
 
