@@ -11,9 +11,9 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import string
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sized
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -31,9 +31,57 @@ _MIN_TOKENS = frozenset(
     {"loss", "error", "err", "mae", "mse", "rmse", "mape", "perplexity", "ppl", "wer", "cer", "nll"}
 )
 
+# Bounds for policy input written by someone else: a policy is a few dozen short lines.
+MAX_POLICY_BYTES = 1024 * 1024  # a larger file is not a policy (wrong path, or an attack)
+MAX_NESTING = 32  # a policy nests two levels; deeper YAML would only exhaust the parser's recursion
+MAX_INT_CHARS = 40  # no count needs more digits; long integers are slow or impossible to convert
+MAX_SHOWN = 200  # characters of a received value an error message repeats
+MAX_PROBLEMS = 5  # problems listed in one message; the rest are counted
+MAX_SPEC_NUMBER = 64  # widths and precisions in a filename placeholder
+MAX_NAME_BYTES = 200  # a rendered file name, leaving room for '-vN', the extension and '.meta.json' under 255
+
 
 class PolicyError(ValueError):
     """An invalid policy or argument: the message names the field, the value and the fix."""
+
+
+def _make_bounded_repr() -> reprlib.Repr:
+    """A repr of bounded cost and length, whatever the size and depth of the value."""
+    bounded = reprlib.Repr()
+    bounded.maxlevel = 3
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 6
+    bounded.maxstring = bounded.maxlong = MAX_SHOWN
+    bounded.maxother = 60
+    return bounded
+
+
+_bounded_repr = _make_bounded_repr()
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A value as an error message repeats it: its repr, cut to about `limit` characters.
+
+    Values in a policy can be hostile (a gigabyte list from YAML aliases, a 5000-digit integer whose
+    str() raises): the repr of containers is computed with bounded depth and width, huge integers are
+    described by their digit count, and a cut repr ends with an ellipsis and the total length.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > limit * 3:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    try:
+        text = _bounded_repr.repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if "..." in text and isinstance(value, Sized):
+        text += f" ({type(value).__name__} of {len(value)} items)"
+    return text
 
 
 def metric_direction(name: str) -> Mode | None:
@@ -59,8 +107,70 @@ def template_fields(template: str) -> list[tuple[str, str]]:
             raise ValueError("a placeholder has no name ('{}'); write e.g. '{epoch}'")
         if conversion:
             raise ValueError(f"conversions such as '!{conversion}' are not supported in '{{{name}!{conversion}}}'")
+        if any(int(number) > MAX_SPEC_NUMBER for number in re.findall(r"\d+", spec or "")):
+            raise ValueError(
+                f"format spec ':{spec}' of '{{{name}}}' asks for more than {MAX_SPEC_NUMBER} characters; "
+                "use a width and precision of at most that"
+            )
         fields.append((name, spec or ""))
     return fields
+
+
+# (epoch or step, metric value) pairs a template is tried with
+_SAMPLES: tuple[tuple[int, float], ...] = ((1, 0.5), (0, -0.5), (12345, 1234.5678), (1, math.nan))
+
+
+def template_problem(template: str) -> str | None:
+    """Why the filename template `template` cannot name checkpoints, or None when it can."""
+    if "/" in template or "\\" in template:
+        return "filename is a file name, not a path; put directories in dirpath"
+    try:
+        fields = template_fields(template)
+    except ValueError as exc:
+        return f"filename template is not valid ({exc})"
+    for name, spec in fields:
+        try:
+            format(1 if name in ("epoch", "step") else 0.5, spec)
+        except ValueError:
+            return f"format spec ':{spec}' of placeholder '{{{name}}}' does not fit a number"
+    if not template.strip() or not any(c.isalnum() for c in template):
+        return "filename must produce a non-empty name"
+    return rendered_problem(template, [name for name, _spec in fields])
+
+
+def rendered_problem(template: str, placeholders: list[str]) -> str | None:
+    """Why the names `template` renders cannot name checkpoints, or None when they can.
+
+    The template is rendered with sample epochs, steps and metric values, and each name must be one
+    a checkpoint directory can hold: not too long, and not one of the directory's own files (see
+    `checkpoint_hooks.core.naming.reserved_reason`).
+    """
+    from checkpoint_hooks.core.naming import render_name, reserved_reason  # core imports this module
+
+    for count, metric in _SAMPLES:
+        values = {name: count if name in ("epoch", "step") else metric for name in placeholders}
+        try:
+            rendered = render_name(template, values)
+        except PolicyError:
+            raise  # a placeholder without a value: a mistake here, not in the template
+        except ValueError:
+            continue  # a spec that fits only some values fails at the save that logs such a value
+        size = len(rendered.encode("utf-8"))
+        if size > MAX_NAME_BYTES:
+            return f"filename makes names of {size} bytes (more than {MAX_NAME_BYTES}); shorten it"
+        reason = reserved_reason(rendered)
+        if reason is not None:
+            return f"filename makes a name like {short_repr(rendered)}, which {reason}; choose another name"
+    return None
+
+
+def _default_template_works(template: str, monitor: str) -> bool:
+    """Whether the default template built from `monitor` has exactly its two placeholders and renders usable names."""
+    try:
+        fields = template_fields(template)
+    except ValueError:
+        return False
+    return fields == [("epoch", "03d"), (monitor, ".4f")] and rendered_problem(template, ["epoch", monitor]) is None
 
 
 class _PolicyMeta(type(BaseModel)):  # type: ignore[misc]
@@ -76,7 +186,8 @@ class _PolicyMeta(type(BaseModel)):  # type: ignore[misc]
 class SnapshotPolicy(BaseModel, metaclass=_PolicyMeta):
     """Periodic epoch snapshots, kept outside the top-k rotation."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float here is a finite amount; inf or nan would pass here and fail at fit start.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     every_n_epochs: int | None = Field(
         default=None, ge=1, description="Save a snapshot after every N-th epoch (epochs N, 2N, ...); null disables snapshots."
@@ -92,7 +203,8 @@ class SnapshotPolicy(BaseModel, metaclass=_PolicyMeta):
 class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     """What to save, when, and what to keep. Shared by every framework adapter."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float here is a finite amount; inf or nan would pass here and fail at fit start.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     dirpath: str = Field(default="checkpoints", description="Directory for checkpoints: a local path or an fsspec URL (s3://bucket/run).")
     monitor: str | None = Field(default=None, description="Logged metric to rank checkpoints by, e.g. val_loss; null ranks by recency.")
@@ -133,6 +245,10 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
         description="Write, hash, commit and prune in a background worker, one save in flight at most: training waits only for a copy of the state in host memory (Paddle model exports and Keras legacy .h5 files are still written by the training thread).",
     )
     verify: bool = Field(default=True, description="Record a checksum for every file and verify it before resuming from it.")
+    trust_other_owners: bool = Field(
+        default=False,
+        description="Resume from a checkpoint file (or directory) that belongs to another user. Off: such a resume is refused, since loading a checkpoint can run code it holds (pickles); turn it on only for directories whose writers you trust.",
+    )
     on_save_error: Literal["raise", "warn"] = Field(
         default="raise", description="When a save fails (disk full, permissions): raise stops training, warn logs and trains on."
     )
@@ -144,28 +260,30 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     @classmethod
     def _top_k_range(cls, value: int) -> int:
         if value < -1:
-            raise ValueError(f"top_k must be -1 (keep all), 0 (keep none) or a positive count. Received: top_k={value}")
+            raise ValueError(
+                f"top_k must be -1 (keep all), 0 (keep none) or a positive count. Received: top_k={short_repr(value)}"
+            )
         return value
 
     @field_validator("dirpath")
     @classmethod
     def _dirpath_not_empty(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("dirpath must name a directory, e.g. dirpath='checkpoints/run1'. Received: dirpath=''")
+            raise ValueError(f"dirpath must name a directory, e.g. dirpath='checkpoints/run1'. Received: dirpath={short_repr(value)}")
         return value
 
     @field_validator("monitor")
     @classmethod
     def _monitor_not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("monitor must be a logged metric name such as 'val_loss', or null. Received: monitor=''")
+            raise ValueError(f"monitor must be a logged metric name such as 'val_loss', or null. Received: monitor={short_repr(value)}")
         return value
 
     @field_validator("resume")
     @classmethod
     def _resume_value(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("resume must be 'auto', 'never' or a checkpoint path. Received: resume=''")
+            raise ValueError(f"resume must be 'auto', 'never' or a checkpoint path. Received: resume={short_repr(value)}")
         return value
 
     @field_validator("filename")
@@ -173,25 +291,9 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     def _filename_template(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if "/" in value or "\\" in value:
-            raise ValueError(
-                f"filename is a file name, not a path; put directories in dirpath. Received: filename={value!r}"
-            )
-        try:
-            fields = template_fields(value)
-        except ValueError as exc:
-            raise ValueError(f"filename template is not valid ({exc}). Received: filename={value!r}") from None
-        for name, spec in fields:
-            sample: Any = 1 if name in ("epoch", "step") else 0.5
-            try:
-                format(sample, spec)
-            except ValueError:
-                raise ValueError(
-                    f"format spec ':{spec}' of placeholder '{{{name}}}' does not fit a number. "
-                    f"Received: filename={value!r}"
-                ) from None
-        if not value.strip() or not any(c.isalnum() for c in value):
-            raise ValueError(f"filename must produce a non-empty name. Received: filename={value!r}")
+        problem = template_problem(value)
+        if problem is not None:
+            raise ValueError(f"{problem}. Received: filename={short_repr(value)}")
         return value
 
     @model_validator(mode="after")
@@ -204,7 +306,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
                 )
             if self.top_k not in (-1, 0, 1):
                 raise ValueError(
-                    f"top_k={self.top_k} needs a monitor to rank checkpoints; set monitor='val_loss' (for example), "
+                    f"top_k={short_repr(self.top_k)} needs a monitor to rank checkpoints; set monitor='val_loss' (for example), "
                     "or top_k=1 to keep the newest, or top_k=-1 to keep all"
                 )
         if self.save_best_only and self.top_k == 0:
@@ -213,7 +315,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
             implied = metric_direction(self.monitor)
             if implied is not None and implied != self.mode:
                 raise ValueError(
-                    f"mode={self.mode!r} contradicts monitor={self.monitor!r}, which is better when {'higher' if implied == 'max' else 'lower'}; "
+                    f"mode={self.mode!r} contradicts monitor={short_repr(self.monitor)}, which is better when {'higher' if implied == 'max' else 'lower'}; "
                     f"set mode={implied!r} or mode='auto'"
                 )
         return self
@@ -231,35 +333,37 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
 
     @property
     def filename_template(self) -> str:
-        """The filename template in force (the default one derives from the monitor)."""
+        """The filename template in force: `filename`, or a default that works for any monitor name.
+
+        The default names the monitor and its value, 'epoch=003-val_loss=0.2310' ('/' in a name such
+        as 'val/loss' or 'val_loss/dataloader_idx_0' becomes '_'). A monitor that cannot be a
+        placeholder ('{', '}', ':', '!' and an unclosed '[' mean something in a template), or whose
+        name would make an unusable file name (too long, reserved), gets the name used without a
+        monitor, 'epoch=003-step=120': Lightning's default never names the monitor, so any metric
+        Lightning can monitor is accepted here too, rather than refused or failing at the first save.
+        """
         if self.filename is not None:
             return self.filename
-        if self.monitor is None:
-            return "epoch={epoch:03d}-step={step}"
-        return "epoch={epoch:03d}-" + self.monitor + "={" + self.monitor + ":.4f}"
+        if self.monitor is not None:
+            named = "epoch={epoch:03d}-" + self.monitor + "={" + self.monitor + ":.4f}"
+            if _default_template_works(named, self.monitor):
+                return named
+        return "epoch={epoch:03d}-step={step}"
 
     # -- YAML -----------------------------------------------------------------------
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> CheckpointPolicy:
-        """Read a policy from a YAML file; errors name the file and the line."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PolicyError(f"cannot read policy file {str(path)!r}: {exc.strerror or exc}") from None
-        return cls.from_yaml_text(text, source=str(path))
+        """Read a policy from a YAML file (UTF-8, at most 1 MiB); errors name the file and the line."""
+        source = os.fspath(path)
+        return cls.from_yaml_text(_decode_policy(_read_policy_file(source), source), source=source)
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "<string>") -> CheckpointPolicy:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark is not None else source
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise PolicyError(f"{where}: not valid YAML ({problem}); fix the syntax at that line") from None
+        """A policy from YAML text; `source` names it in error messages."""
+        if len(text) > MAX_POLICY_BYTES:
+            raise PolicyError(f"{source}: a policy of {len(text)} characters is too large (at most 1 MiB); check the input")
+        node, data = _parse_policy_yaml(text, source)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -276,6 +380,139 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# -- reading YAML written by someone else ----------------------------------------------
+
+
+def _read_policy_file(source: str) -> bytes:
+    """The bytes of a policy file, refusing files larger than MAX_POLICY_BYTES (reading no more than that)."""
+    try:
+        with open(source, "rb") as stream:
+            raw = stream.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {short_repr(source)}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            f"{source}: the policy file is larger than 1 MiB; a policy is a few dozen lines, check the path"
+        )
+    return raw
+
+
+def _decode_policy(raw: bytes, source: str) -> str:
+    """Policy text as strict UTF-8 (a UTF-8 BOM is accepted); UTF-16 and latin-1 files are refused by name."""
+    fix = "save the file as UTF-8"
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise PolicyError(f"{source}:{line}: not UTF-8 text (it contains NUL bytes, as UTF-16 files do); {fix}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        byte = raw[exc.start]
+        raise PolicyError(f"{source}:{line}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); {fix}") from None
+
+
+class _Refused(yaml.MarkedYAMLError):  # type: ignore[misc]
+    """YAML that parses but that a policy file refuses (aliases, deep nesting, duplicate keys, huge integers)."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class PolicyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """yaml.SafeLoader for policy files written by someone else: bounded work, no silent surprises.
+
+    - Aliases (`*name`) are refused altogether. A policy is a dozen scalar fields, where an alias saves
+      nothing, while aliases are what expands a few hundred bytes into gigabytes ("billion laughs").
+      Counting alias uses would not bound the expansion (each use can double it), and a budget on the
+      expanded size would be one more limit to explain; a clear refusal is simpler. Anchors alone
+      (`&name`) are harmless and accepted.
+    - Nesting deeper than MAX_NESTING is refused before the recursive composer exhausts the stack.
+    - A key given twice in one mapping is refused, naming both lines (YAML would silently keep the last).
+    - Integers longer than MAX_INT_CHARS are refused (Python's int conversion limit, and slow base-60).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(
+                f"the alias '*{_clip(event.anchor, 40)}' repeats another value; policy files do not "
+                "support aliases, write the value out",
+                event.start_mark,
+            )
+        if self._depth >= MAX_NESTING:
+            raise _Refused(f"values nest more than {MAX_NESTING} levels deep; a policy nests two", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first_line: dict[Any, int] = {}
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges defaults that the mapping's own keys override, by design
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            line = key_node.start_mark.line + 1
+            if earlier is not None:
+                lines = f"on line {line}" if earlier == line else f"on lines {earlier} and {line}"
+                raise _Refused(
+                    f"the key {short_repr(key, 60)} is given twice, {lines}; "
+                    "keep one of them (YAML would silently use the last)",
+                    key_node.start_mark,
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        if len(node.value) > MAX_INT_CHARS:
+            raise _Refused(
+                f"an integer of {len(node.value)} characters is out of range; write at most {MAX_INT_CHARS} digits",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+PolicyLoader.add_constructor("tag:yaml.org,2002:int", PolicyLoader.construct_yaml_int)
+
+
+def _parse_policy_yaml(text: str, source: str) -> tuple[Any, Any]:
+    """The node tree (for line numbers) and the data of a policy document; any failure is a PolicyError."""
+    loader = PolicyLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    except _Refused as exc:
+        raise PolicyError(f"{_where(source, exc.problem_mark)}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PolicyError(
+            f"{_where(source, mark)}: not valid YAML ({_clip(problem)}); fix the syntax at that line"
+        ) from None
+    except (RecursionError, ValueError, OverflowError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PolicyError(f"{source}: a value cannot be read ({_clip(problem)}); simplify the file") from None
+    finally:
+        loader.dispose()
+
+
+def _where(source: str, mark: Any) -> str:
+    return f"{source}:{mark.line + 1}" if mark is not None else source
+
+
+def _clip(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def load_policy(
@@ -348,6 +585,8 @@ def _fix_for(error: Mapping[str, Any], field: str) -> str:
         return "use a whole number"
     if kind.startswith("float_"):
         return "use a number"
+    if kind == "finite_number":
+        return "use a finite number (inf and nan are not allowed)"
     if kind.startswith("bool"):
         return "use true or false"
     if kind.startswith("string"):
@@ -360,33 +599,36 @@ def _fix_for(error: Mapping[str, Any], field: str) -> str:
 def describe_validation_error(
     exc: ValidationError, model: type[BaseModel], source: str | None = None, node: Any = None
 ) -> str:
-    """One readable line per problem: where, which field, what was received, and the fix."""
+    """One readable line per problem (at most MAX_PROBLEMS): where, which field, what was received, the fix.
+
+    Received values and unknown names are shortened (`short_repr`): the input may be hostile.
+    """
     lines = []
-    for error in exc.errors():
+    errors = exc.errors(include_url=False)
+    for error in errors[:MAX_PROBLEMS]:
         loc = tuple(error.get("loc", ()))
-        field = ".".join(str(p) for p in loc)
+        field = _clip(".".join(str(p) for p in loc), 80)
         where = ""
         if source is not None:
             line = _yaml_line(node, loc) if node is not None else None
             where = f"{source}:{line}: " if line else f"{source}: "
         kind = error.get("type", "")
-        received = error.get("input")
         if kind == "extra_forbidden":
             name = str(loc[-1]) if loc else "?"
             known = _field_names(model, loc[:-1])
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if len(name) <= 80 else []
             hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
-            lines.append(f"{where}unknown field {name!r}; {hint}")
+            lines.append(f"{where}unknown field {short_repr(name, 80)}; {hint}")
             continue
         if kind == "value_error":
-            message = str(error.get("msg", "")).removeprefix("Value error, ")
+            message = _clip(str(error.get("msg", "")).removeprefix("Value error, "), 4 * MAX_SHOWN)
             lines.append(f"{where}{message}" if not field or message.startswith(field) else f"{where}{field}: {message}")
             continue
-        shown = received
-        if isinstance(received, float) and not math.isfinite(received):
-            shown = str(received)
-        lines.append(f"{where}{field}: {error.get('msg')}; {_fix_for(error, field)}. Received: {field}={shown!r}")
-    return "\n".join(lines) if lines else str(exc)
+        received = short_repr(error.get("input"))
+        lines.append(f"{where}{field}: {error.get('msg')}; {_fix_for(error, field)}. Received: {field}={received}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"... and {len(errors) - MAX_PROBLEMS} more problems")
+    return "\n".join(lines) if lines else f"{model.__name__} is not valid"
 
 
 def _type_name(annotation: Any) -> str:
