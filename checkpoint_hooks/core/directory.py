@@ -22,10 +22,11 @@ from checkpoint_hooks.core.manifest import (
     Manifest,
     head_bytes,
     journal_line,
-    record_from_sidecar,
+    read_sidecar,
     sidecar_name,
     sidecar_paths,
 )
+from checkpoint_hooks.core.paths import UnsafePathError
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.store import LocalStore, Store, open_store
 
@@ -149,8 +150,12 @@ class CheckpointDirectory:
             if path in referenced:
                 continue
             leftovers.append(path)
-            raw = self.store.read_bytes(path)
-            record = record_from_sidecar(raw) if raw is not None else None
+            try:
+                raw = self.store.read_bytes(path)
+                record = read_sidecar(raw) if raw is not None else None
+            except (ValueError, OSError) as exc:  # UnsafePathError included: only the sidecar itself goes
+                log.warning("%s: %s; its files are left alone", self.store.join(path), exc)
+                continue
             if record is not None:
                 leftovers.extend(f.path for f in record.files if f.path not in referenced)
         return leftovers
@@ -173,14 +178,19 @@ class CheckpointDirectory:
         """Problems with a record's files: missing, wrong size, wrong checksum. Empty when it verifies."""
         problems = []
         for entry in record.files:
+            actual = None
             try:
                 with self.store.open_read(entry.path) as stream:
-                    if checksums and entry.checksum:
+                    # the size first: a file that grew is never read past what was recorded
+                    size = stream.seek(0, 2)
+                    if size == entry.bytes and checksums and entry.checksum:
+                        stream.seek(0)
                         actual, size = checksum_stream(stream, algorithm_of(entry.checksum))
-                    else:
-                        actual, size = None, stream.seek(0, 2)
             except FileNotFoundError:
                 problems.append(Problem(record.name, entry.path, "missing"))
+                continue
+            except UnsafePathError as exc:
+                problems.append(Problem(record.name, entry.path, f"refused: {exc}"))
                 continue
             except OSError as exc:
                 problems.append(Problem(record.name, entry.path, f"unreadable ({exc.strerror or exc})"))
@@ -205,10 +215,16 @@ class CheckpointDirectory:
         records: list[Record] = []
         skipped: list[str] = []
         for path in sidecar_paths(self.store.list_files()):
-            raw = self.store.read_bytes(path)
-            record = record_from_sidecar(raw) if raw is not None else None
+            try:
+                raw = self.store.read_bytes(path)
+                record = read_sidecar(raw) if raw is not None else None
+            except (ValueError, OSError) as exc:  # UnsafePathError included
+                skipped.append(f"{path}: {exc}")
+                continue
             if record is None:
-                skipped.append(f"{path}: unreadable sidecar")
+                continue
+            if sidecar_name(record.name) != path:
+                skipped.append(f"{path}: describes another checkpoint ({record.name!r})")
                 continue
             problems = self.verify_record(record)
             if problems:

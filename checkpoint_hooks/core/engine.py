@@ -407,7 +407,8 @@ class Engine:
         """
         assert self.store is not None
         if self.store.is_local:
-            return self.path_of(record)
+            with self.store.local_path(record.primary_path) as path:  # refused when it leads outside
+                return path
         tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")
         self._materialized.append(tmp)
         for entry in record.files:

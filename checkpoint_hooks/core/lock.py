@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from checkpoint_hooks.core.errors import CheckpointError, LockError
+from checkpoint_hooks.core.paths import UnsafePathError, open_regular
 
 LOCK_NAME = ".checkpoint_hooks.lock"
 log = logging.getLogger("checkpoint_hooks")
@@ -85,12 +86,20 @@ class DirectoryLock:
         path = self.store.join(LOCK_NAME)
         try:
             self.store.ensure()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise CheckpointError(
                 f"cannot write checkpoints to {self.store.url!r}: {exc.strerror or exc}; "
                 "point dirpath at a directory this process can write"
             ) from None
+        except UnsafePathError as exc:
+            raise CheckpointError(f"refusing the lock file: {exc}; remove it if this directory is yours") from None
+        if os.fstat(fd).st_nlink > 1:
+            os.close(fd)
+            raise CheckpointError(
+                f"refusing the lock file {path!r}: it has other hard links, and taking the lock would empty them; "
+                "remove it if this directory is yours"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -18,6 +18,7 @@ The base is rewritten, and the journal emptied, at fit start and every
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,7 +26,11 @@ from typing import Any
 import xxhash
 
 from checkpoint_hooks.core.errors import ManifestError
+from checkpoint_hooks.core.paths import UnsafePathError
 from checkpoint_hooks.core.records import Record, decode_float, encode_float
+from checkpoint_hooks.policy import short_repr
+
+log = logging.getLogger("checkpoint_hooks")
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "manifest.journal"
@@ -163,24 +168,31 @@ class Manifest:
                 raise ValueError(f"written by a newer checkpoint_hooks (manifest version {data['version']})")
             records = [Record.from_json(r) for r in data.get("records", [])]
             history = [_decode_history(h) for h in data.get("history") or []]
-            changes = read_journal(journal) if journal else []
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            changes = read_journal(journal, _journal_of(source)) if journal else []
+            next_seq = int(data.get("next_seq") or (max((r.seq for r in records), default=0) + 1))
+            manifest = cls(
+                records=records,
+                policy=dict(data.get("policy") or {}),
+                next_seq=next_seq,
+                history=history,
+                commit=int(data.get("commit") or 0),
+            )
+            for change in changes:
+                if change["commit"] > manifest.commit:
+                    manifest.apply(change)
+        except UnsafePathError as exc:
             raise ManifestError(
-                f"the manifest {source!r} is corrupt ({exc}); nothing was changed. Run "
+                f"the index {source!r} names a path that is not a plain file inside the directory ({exc}); "
+                "refusing to use it: nothing was read or deleted. If the directory comes from someone else, "
+                "do not train into it; `checkpoint-hooks verify --repair DIR` rebuilds the index from the "
+                "checkpoints' own sidecars, skipping what is unsafe"
+            ) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+            raise ManifestError(
+                f"the manifest {source!r} is corrupt ({short_repr(str(exc))}); nothing was changed. Run "
                 f"`checkpoint-hooks verify --repair DIR` to rebuild it from the checkpoint files, "
                 f"or move it away to start a fresh index"
             ) from None
-        next_seq = int(data.get("next_seq") or (max((r.seq for r in records), default=0) + 1))
-        manifest = cls(
-            records=records,
-            policy=dict(data.get("policy") or {}),
-            next_seq=next_seq,
-            history=history,
-            commit=int(data.get("commit") or 0),
-        )
-        for change in changes:
-            if change["commit"] > manifest.commit:
-                manifest.apply(change)
         manifest.history_written = len(manifest.history)
         return manifest
 
@@ -273,7 +285,7 @@ class Head:
         self.more = frozenset(data.get("more") or ())
         # the journal's changes applied to the listed records, as to the full index
         newest = Manifest((Record.from_json(r) for r in data.get("newest") or ()), commit=int(data.get("commit") or 0))
-        for change in read_journal(journal) if journal else []:
+        for change in read_journal(journal, None) if journal else []:
             if change["commit"] > newest.commit:
                 newest.apply(change)
         self.journal_lines = newest.journal_lines
@@ -286,15 +298,27 @@ def journal_line(change: dict[str, Any]) -> bytes:
     return xxhash.xxh3_64_hexdigest(body).encode() + b" " + body + b"\n"
 
 
-def read_journal(raw: bytes) -> list[dict[str, Any]]:
+def _journal_of(manifest_path: str) -> str:
+    return manifest_path[: -len(MANIFEST_NAME)] + JOURNAL_NAME if manifest_path.endswith(MANIFEST_NAME) else JOURNAL_NAME
+
+
+def read_journal(raw: bytes, source: str | None) -> list[dict[str, Any]]:
     """The changes of a journal, in order.
 
-    What follows the last newline is a torn append (a crash during that commit, so it did
-    not happen) and is ignored. A complete line that fails its checksum is damage, not a
-    crash: ValueError, so that no later commit is silently dropped.
+    What follows the last newline is a torn append (a crash, or a full disk, during that
+    commit, so it did not happen): it is dropped with a warning, as a database drops a torn
+    log tail (`source`, the journal's path for that warning; None: no warning). A complete line that fails its checksum is damage, not a crash: ValueError,
+    so that no later commit is silently dropped.
     """
     changes = []
-    for number, line in enumerate(raw.split(b"\n")[:-1], start=1):
+    lines = raw.split(b"\n")
+    if lines[-1] and source is not None:
+        log.warning(
+            "%s ends with an incomplete line (%d bytes) left by an interrupted commit; it is ignored",
+            source,
+            len(lines[-1]),
+        )
+    for number, line in enumerate(lines[:-1], start=1):
         digest, _, body = line.partition(b" ")
         try:
             if xxhash.xxh3_64_hexdigest(body).encode() != digest:
@@ -302,7 +326,7 @@ def read_journal(raw: bytes) -> list[dict[str, Any]]:
             change = json.loads(body.decode("utf-8"))
             if not isinstance(change, dict) or not isinstance(change.get("commit"), int):
                 raise ValueError("not a change")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"{JOURNAL_NAME} line {number} is damaged ({exc})") from None
         changes.append(change)
     return changes
@@ -320,10 +344,20 @@ def sidecar_bytes(record: Record) -> bytes:
     return json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def record_from_sidecar(raw: bytes) -> Record | None:
+def read_sidecar(raw: bytes) -> Record:
+    """The record a sidecar describes; ValueError (UnsafePathError for paths that leave the directory) saying why not."""
     try:
         return Record.from_json(json.loads(raw.decode("utf-8")))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except UnsafePathError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unreadable sidecar ({short_repr(str(exc))})") from None
+
+
+def record_from_sidecar(raw: bytes) -> Record | None:
+    try:
+        return read_sidecar(raw)
+    except ValueError:
         return None
 
 

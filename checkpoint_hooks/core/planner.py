@@ -9,6 +9,7 @@ its compiled metrics exist), and the run and the index change with every save.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,9 @@ from checkpoint_hooks.core.errors import MonitorError
 from checkpoint_hooks.core.manifest import Manifest
 from checkpoint_hooks.core.naming import format_name, unique_name
 from checkpoint_hooks.core.records import BEST, LAST, PREEMPTED
-from checkpoint_hooks.policy import CheckpointPolicy
+from checkpoint_hooks.policy import CheckpointPolicy, short_repr
+
+log = logging.getLogger("checkpoint_hooks")
 
 TRAINING_STATE = "training_state"
 LAST_TEMPLATE = "last-epoch={epoch:03d}-step={step}"
@@ -60,6 +63,8 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for key, value in metrics.items():
         if isinstance(value, (list, tuple)) and len(value) == 1:
             value = value[0]
+        if isinstance(value, (str, bytes)):
+            continue  # float("0.5") would rank a text
         try:
             clean[str(key)] = float(value)
         except (TypeError, ValueError):
@@ -99,11 +104,23 @@ class Planner:
         self.seen_metrics: set[str] = set()
         self.last_save_time = time.monotonic()
         self.last_saved_step = -1
+        self.warned_not_number = False  # the monitored value came as something else than a number
 
     def observe(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """The epoch end's metrics as floats, remembered for the names of later saves."""
         values = clean_metrics(metrics)
         self.seen_metrics.update(values)
+        monitor = self._host.policy.monitor
+        if monitor is not None and monitor in metrics and monitor not in values and not self.warned_not_number:
+            self.warned_not_number = True
+            received = metrics[monitor]
+            log.warning(
+                "the monitored %r is a %s, not a number (received %s); this epoch is not ranked. Log a "
+                "scalar (a float, or a 0-d or one-element tensor)",
+                monitor,
+                type(received).__name__,
+                short_repr(received, 80),
+            )
         return values
 
     def monitored_value(self, metrics: Mapping[str, float]) -> float | None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from checkpoint_hooks.core.paths import UnsafePathError, relative_path
+
 BEST = "best"
 LAST = "last"
 SNAPSHOT = "snapshot"
@@ -28,7 +30,10 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
-        return cls(path=str(data["path"]), bytes=int(data["bytes"]), checksum=data.get("checksum"))
+        size = int(data["bytes"])
+        if size < 0:
+            raise ValueError(f"file {data['path']!r} has a negative size")
+        return cls(path=relative_path(data["path"], "file path"), bytes=size, checksum=data.get("checksum"))
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,20 @@ class Record:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Record:
+        name = relative_path(data["name"], "checkpoint name")
+        try:
+            files = tuple(FileEntry.from_json(f) for f in data.get("files") or ())
+        except UnsafePathError as exc:
+            raise UnsafePathError(f"checkpoint {name!r}: {exc}") from None
         return cls(
-            name=str(data["name"]),
+            name=name,
             epoch=int(data["epoch"]),
             step=int(data["step"]),
             format=str(data["format"]),
             metrics={str(k): decode_float(v) for k, v in dict(data.get("metrics") or {}).items()},
             roles=frozenset(data.get("roles") or ()),
             tags=frozenset(data.get("tags") or ()),
-            files=tuple(FileEntry.from_json(f) for f in data.get("files") or ()),
+            files=files,
             created=float(data.get("created") or 0.0),
             run=str(data.get("run") or ""),
             seq=int(data.get("seq") or 0),

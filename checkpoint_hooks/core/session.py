@@ -31,6 +31,7 @@ from typing import Any
 from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
+from checkpoint_hooks.core.paths import other_owner
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.resume_state import ResumeState, host_rng_state, set_host_rng_state
@@ -270,6 +271,15 @@ class FitSession:
         )
 
     def _load(self, engine: Engine, record: Record | None, path: str) -> ResumePoint:
+        if not self.policy.trust_other_owners:
+            owner = other_owner(path)
+            if owner is not None:
+                raise CheckpointError(
+                    f"refusing to resume from {path!r}: it (or its folder) belongs to user id {owner}, not to this "
+                    f"user ({os.geteuid()}), and loading a checkpoint can run code it holds. Set "
+                    "trust_other_owners=True if you trust whoever wrote it, resume='never' to start fresh, or "
+                    "another dirpath"
+                )
         state = self.framework.load(path)
         if record is not None:
             return ResumePoint(path, record, record.epoch, record.step, record.mid_epoch, state)

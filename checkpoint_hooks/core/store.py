@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Collection, Iterator
 from typing import IO, Protocol
 
+from checkpoint_hooks.core.paths import UnsafePathError, open_regular, relative_path, within
+
 STAGING_PREFIX = ".staging-"
 
 
@@ -92,6 +94,7 @@ class LocalStore:
             path = path[len("file://") :]
         self.root = os.path.abspath(os.path.expanduser(path))
         self.url = self.root
+        self._real_root = os.path.realpath(self.root)  # what every path used must stay inside
         self._appended: set[str] = set()  # files append_bytes wrote to (and fsynced the folder of, if it made them)
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
@@ -101,10 +104,17 @@ class LocalStore:
             )
 
     def _abs(self, relpath: str) -> str:
-        return os.path.join(self.root, *relpath.split("/"))
+        """The full path of `relpath`, refused (UnsafePathError) when it would lead outside the directory."""
+        target = os.path.join(self.root, *relative_path(relpath).split("/"))
+        folder = os.path.dirname(target)
+        if folder != self.root and not within(self._real_root, os.path.realpath(folder)):
+            raise UnsafePathError(
+                f"{relpath!r} leads outside {self.root!r} through a symbolic link; nothing was read or deleted for it"
+            )
+        return target
 
     def join(self, relpath: str) -> str:
-        return self._abs(relpath)
+        return os.path.join(self.root, *relpath.split("/"))
 
     def ensure(self) -> None:
         if not os.path.isdir(self.root):  # one stat in the usual case; makedirs makes three calls
@@ -138,10 +148,11 @@ class LocalStore:
 
     def read_bytes(self, relpath: str) -> bytes | None:
         try:
-            with open(self._abs(relpath), "rb") as f:
-                return f.read()
+            fd = open_regular(self._abs(relpath))
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            return f.read()
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         self.ensure()
@@ -162,21 +173,30 @@ class LocalStore:
     def append_bytes(self, relpath: str, data: bytes) -> None:
         """Append and fsync: after a crash the file ends with all of `data`, a part of it, or none."""
         path = self._abs(relpath)
-        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_APPEND
         fd = -1
         if path in self._appended:  # appended to before: opened without a look first
             with contextlib.suppress(FileNotFoundError):
-                fd = os.open(path, flags)
+                fd = open_regular(path, flags)
         created = False
         if fd < 0:
             self.ensure()
             created = not os.path.exists(path)
-            fd = os.open(path, flags | os.O_CREAT, 0o644)
+            fd = open_regular(path, flags | os.O_CREAT)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if os.fstat(fd).st_nlink > 1:
+                raise UnsafePathError(f"{path!r} has other hard links; refusing to append to a file shared with others")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                # a partial line (a full disk) is taken back, so the next append does not extend it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -217,12 +237,15 @@ class LocalStore:
 
     @contextlib.contextmanager
     def open_read(self, relpath: str) -> Iterator[IO[bytes]]:
-        with open(self._abs(relpath), "rb", buffering=0) as f:
+        with open(open_regular(self._abs(relpath)), "rb", buffering=0) as f:
             yield f
 
     @contextlib.contextmanager
     def local_path(self, relpath: str) -> Iterator[str]:
-        yield self._abs(relpath)
+        path = self._abs(relpath)
+        if not within(self._real_root, os.path.realpath(path)):
+            raise UnsafePathError(f"{path!r} is a symbolic link to outside the checkpoint directory; not loaded")
+        yield path
 
     def cleanup_staging(self) -> list[str]:
         removed: list[str] = []
@@ -231,7 +254,7 @@ class LocalStore:
         for name in os.listdir(self.root):
             if name.startswith(STAGING_PREFIX):
                 path = os.path.join(self.root, name)
-                if os.path.isdir(path):
+                if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     with contextlib.suppress(OSError):
@@ -258,7 +281,7 @@ class FsspecStore:
             )
 
     def _abs(self, relpath: str) -> str:
-        return f"{self.root}/{relpath}"
+        return f"{self.root}/{relative_path(relpath)}"
 
     def join(self, relpath: str) -> str:
         return f"{self.url}/{relpath}"

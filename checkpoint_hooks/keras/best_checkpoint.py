@@ -69,6 +69,8 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             state tagged `preempted` before the process ends (default True).
         async_save: write the files at the epoch end and leave their hashing, fsync, the commit and
             pruning to a background thread while training goes on (default False).
+        trust_other_owners: resume from checkpoints that belong to another user (default False:
+            refused, since loading a checkpoint can run code it holds).
         export_best: also export the best model as a TensorFlow SavedModel in
             `<dirpath>/best_export/` (for serving; `keras.layers.TFSMLayer` loads it).
     """
@@ -99,6 +101,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
         every_n_minutes: float | None = None,
         save_on_preemption: bool | None = None,
         async_save: bool | None = None,
+        trust_other_owners: bool | None = None,
         export_best: bool = False,
     ) -> None:
         fields = {
@@ -118,6 +121,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             "every_n_minutes": every_n_minutes,
             "save_on_preemption": save_on_preemption,
             "async_save": async_save,
+            "trust_other_owners": trust_other_owners,
         }
         self._policy_mode = (
             filepath is None or policy is not None or export_best or any(v is not None for v in fields.values())
