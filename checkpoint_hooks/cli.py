@@ -1,8 +1,13 @@
 """`checkpoint-hooks`: look at, verify, repair and prune checkpoint directories. Imports no training framework.
 
-Exit codes: 0 success; 1 a check failed (a file does not verify, no best checkpoint);
-2 bad input (arguments, policy file); 3 the directory cannot be used (corrupt or
-missing manifest, locked by a running job, not a directory).
+Exit codes: 0 success; 1 a check failed (a file does not verify, no best checkpoint,
+no values to plot); 2 bad input (arguments, policy file, an image path that cannot be
+written); 3 the directory cannot be used (corrupt or missing manifest, locked by a
+running job, not a directory, not a checkpoint directory, unreadable or unwritable).
+
+A checkpoint directory may be written by someone else: every name, path, metric and
+tag read from it is passed through `printable` before it reaches the terminal, and
+no fault ends in a traceback (one `error:` line instead).
 """
 
 from __future__ import annotations
@@ -12,18 +17,42 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 from checkpoint_hooks.core import retention
-from checkpoint_hooks.core.directory import CheckpointDirectory
+from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import CheckpointError, ManifestError
 from checkpoint_hooks.core.lock import DirectoryLock
-from checkpoint_hooks.core.manifest import MANIFEST_NAME, Manifest
+from checkpoint_hooks.core.manifest import MANIFEST_NAME, Manifest, sidecar_paths
 from checkpoint_hooks.core.records import Record
+from checkpoint_hooks.core.store import STAGING_PREFIX
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIRECTORY = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+DIR_HELP = "checkpoint directory: local path or fsspec URL"
+
+
+def printable(text: object) -> str:
+    """`text` with every character a terminal could act on shown escaped (`\\x1b`, `\\x0a`, `\\u202e`).
+
+    Names in a checkpoint directory may be written by anyone: printed raw, an escape
+    sequence in one could retitle, clear or rewrite the user's terminal, and a newline
+    could forge a line of output. Printable characters (any script) are kept as they are.
+    """
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(char if char.isprintable() else _escaped(char) for char in value)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _open(dirpath: str) -> CheckpointDirectory:
@@ -31,6 +60,8 @@ def _open(dirpath: str) -> CheckpointDirectory:
         return CheckpointDirectory(dirpath)
     except NotADirectoryError as exc:
         raise CheckpointError(exc.strerror) from None
+    except (ValueError, ImportError) as exc:  # fsspec: an unknown protocol, or its package is not installed
+        raise CheckpointError(f"cannot open {dirpath!r}: {exc}; check the URL's protocol") from None
 
 
 def _manifest(directory: CheckpointDirectory) -> Manifest:
@@ -86,7 +117,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     policy = _policy_of(manifest)
     monitor = policy.monitor
     verified = {r.name: not directory.verify_record(r) for r in records} if args.verify else {}
-    header = ["epoch", "step", monitor or "metric", "tags", "size", "age", "verified", "path"]
+    header = ["epoch", "step", printable(monitor or "metric"), "tags", "size", "age", "verified", "path"]
     rows = []
     now = time.time()
     for r in records:
@@ -95,13 +126,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             str(r.epoch),
             str(r.step),
             "-" if value is None else f"{value:.4f}",
-            ",".join(sorted(r.tags)) or "-",
+            printable(",".join(sorted(r.tags))) or "-",
             _size(r.bytes),
             _age(now - r.created),
             ("yes" if verified[r.name] else "NO") if args.verify else "-",
-            r.primary_path,
+            printable(r.primary_path),
         ])
-    _print_table(header, rows, title=f"{directory.url}  ({len(records)} checkpoint(s))")
+    _print_table(header, rows, title=f"{printable(directory.url)}  ({len(records)} checkpoint(s))")
     return EXIT_OK
 
 
@@ -109,62 +140,103 @@ def cmd_best(args: argparse.Namespace) -> int:
     directory = _open(args.dir)
     best = _best(_manifest(directory))
     if best is None:
-        print(f"no best checkpoint in {directory.url}", file=sys.stderr)
+        print(f"no best checkpoint in {printable(directory.url)}", file=sys.stderr)
         return EXIT_FAILED
-    print(directory.store.join(best.primary_path))
+    print(printable(directory.store.join(best.primary_path)))
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     directory = _open(args.dir)
     if args.repair:
-        return _repair(directory)
-    manifest = _manifest(directory)
-    problems = [p for r in manifest.records for p in directory.verify_record(r)]
-    for problem in problems:
-        print(f"BAD {directory.store.join(problem.path)}: {problem.reason}")
-    files = sum(len(r.files) for r in manifest.records)
+        return _repair(directory, force=args.force)
+    records, problems = _check_committed(directory, _manifest(directory))
+    _print_problems(directory, problems)
+    files = sum(len(r.files) for r in records)
     if problems:
-        print(f"{len(problems)} of {files} file(s) do not verify in {directory.url}", file=sys.stderr)
+        print(f"{len(problems)} of {files} file(s) do not verify in {printable(directory.url)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"ok: {files} file(s) of {len(manifest.records)} checkpoint(s) verify in {directory.url}")
+    print(f"ok: {files} file(s) of {len(records)} checkpoint(s) verify in {printable(directory.url)}")
     return EXIT_OK
 
 
-def _repair(directory: CheckpointDirectory) -> int:
+def _check_committed(directory: CheckpointDirectory, manifest: Manifest) -> tuple[list[Record], list[Problem]]:
+    """The checkpoints still committed once every file was checked, and their problems.
+
+    A running job prunes as it trains: a checkpoint listed when the manifest was read
+    may be deleted before its files are opened. The manifest is read again when a
+    check fails, and a checkpoint it no longer lists was pruned, not damaged.
+    """
+    problems = [p for r in manifest.records for p in directory.verify_record(r)]
+    current = directory.read_manifest() if problems else None
+    if current is None:
+        return manifest.records, problems
+    return [r for r in manifest.records if r.name in current], [p for p in problems if p.record in current]
+
+
+def _print_problems(directory: CheckpointDirectory, problems: list[Problem]) -> None:
+    for problem in problems:
+        print(f"BAD {printable(directory.store.join(problem.path))}: {printable(problem.reason)}")
+
+
+def _is_checkpoint_directory(directory: CheckpointDirectory) -> bool:
+    """Whether the directory has an index or checkpoint sidecars: something repair can work from."""
+    return directory.store.exists(MANIFEST_NAME) or bool(sidecar_paths(directory.store.list_files()))
+
+
+def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
+    if not force and not _is_checkpoint_directory(directory):
+        raise CheckpointError(
+            f"{directory.url!r} is not a checkpoint directory (no {MANIFEST_NAME} and no *.meta.json sidecars); "
+            "nothing was written. Check the path, or pass --force to write an empty index there"
+        )
     try:
         manifest = directory.read_manifest()
     except ManifestError:
         manifest = None
         raw = directory.store.read_bytes(MANIFEST_NAME) or b""
         kept = f"{MANIFEST_NAME}.corrupt-{int(time.time())}"
-        directory.store.write_bytes(kept, raw)
-        print(f"the corrupt manifest was kept as {directory.store.join(kept)}")
+        _write(directory, kept, lambda: directory.store.write_bytes(kept, raw))
+        print(f"the corrupt manifest was kept as {printable(directory.store.join(kept))}")
     if manifest is not None:
-        problems = [p for r in manifest.records for p in directory.verify_record(r)]
+        _, problems = _check_committed(directory, manifest)
         if not problems:
-            print(f"ok: the manifest of {directory.url} is readable and every file verifies; nothing to repair")
+            print(f"ok: the manifest of {printable(directory.url)} is readable and every file verifies; nothing to repair")
             return EXIT_OK
-        for problem in problems:
-            print(f"BAD {directory.store.join(problem.path)}: {problem.reason}")
+        _print_problems(directory, problems)
         print("the manifest is readable; resume skips checkpoints that do not verify", file=sys.stderr)
         return EXIT_FAILED
     rebuilt, skipped = directory.rebuild()
     for line in skipped:
-        print(f"skipped {line}")
-    directory.commit(rebuilt)
-    print(f"rebuilt {directory.store.join(MANIFEST_NAME)} with {len(rebuilt.records)} checkpoint(s)")
+        print(f"skipped {printable(line)}")
+    _write(directory, MANIFEST_NAME, lambda: directory.commit(rebuilt))
+    print(f"rebuilt {printable(directory.store.join(MANIFEST_NAME))} with {len(rebuilt.records)} checkpoint(s)")
     return EXIT_OK
+
+
+def _write(directory: CheckpointDirectory, relpath: str, write: Any) -> None:
+    """Run `write`, naming the file that could not be written (`relpath`, not a temporary file) when it fails."""
+    try:
+        write()
+    except OSError as exc:
+        failed = exc.filename2 or exc.filename
+        if failed is None or os.path.basename(str(failed)).startswith(STAGING_PREFIX):
+            failed = directory.store.join(relpath)
+        raise CheckpointError(
+            f"cannot write {str(failed)!r}: {exc.strerror or exc}; "
+            "check that the directory exists and that this user can write to it, then repeat"
+        ) from None
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     policy = CheckpointPolicy.from_yaml(args.policy)
     directory = _open(args.dir)
+    _manifest(directory)  # refuse before locking: taking the lock would create a missing directory
     lock = DirectoryLock(directory.store)
     if not args.dry_run:
         lock.acquire()
     try:
-        manifest = _manifest(directory)
+        manifest = _manifest(directory)  # again, under the lock: a running job may have committed since
         keep: dict[str, frozenset[str]] = {}
         for run in {r.run for r in manifest.records}:
             keep.update(retention.replay(policy, manifest.run_records(run)))
@@ -176,7 +248,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             for record in drop:
                 directory.remove_record_files(record)
         for record in drop:
-            print(f"{verb} {directory.store.join(record.primary_path)} (epoch {record.epoch})")
+            print(f"{verb} {printable(directory.store.join(record.primary_path))} (epoch {record.epoch})")
         print(f"{verb} {len(drop)} of {len(drop) + len(keep)} checkpoint(s)")
     finally:
         lock.release()
@@ -219,38 +291,77 @@ def _age(seconds: float) -> str:
 
 
 def _print_table(header: list[str], rows: list[list[str]], title: str = "") -> None:
+    """A table of printable cells: rich on a terminal (its width, long cells folded), plain text otherwise.
+
+    Piped output keeps every cell whole, so scripts and `grep` see complete paths.
+    """
+    if not _stdout_is_terminal():
+        _print_plain_table(header, rows, title)
+        return
     try:
         from rich import box
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
-        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        _print_plain_table(header, rows, title)
         return
-    table = Table(*header, box=box.SIMPLE_HEAD, title=title or None, title_justify="left")
+    # Text cells: brackets in a file name are not rich markup, and nothing is cut.
+    table = Table(box=box.SIMPLE_HEAD, title=Text(title) if title else None, title_justify="left")
+    for name in header:
+        table.add_column(Text(name), overflow="fold")
     for row in rows:
-        table.add_row(*row)
-    Console(width=max(100, sum(len(h) for h in header) + 40), soft_wrap=True).print(table)
+        table.add_row(*(Text(cell) for cell in row))
+    Console(markup=False, emoji=False, highlight=False).print(table)
+
+
+def _stdout_is_terminal() -> bool:
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _print_plain_table(header: list[str], rows: list[list[str]], title: str) -> None:
+    widths = [max(_display_width(cell) for cell in column) for column in zip(header, *rows)]
+    if title:
+        print(title)
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell + " " * (w - _display_width(cell)) for cell, w in zip(row, widths)).rstrip())
+
+
+def _display_width(text: str) -> int:
+    """Columns `text` takes on a terminal: wide (CJK) characters take two, combining marks none."""
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+        for char in text
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from checkpoint_hooks.plot import plot
+    from checkpoint_hooks.plot import check_output, metric_names, plot, series
 
+    check_output(args.output)
     directory = _open(args.dir)
     manifest = _manifest(directory)
     current = _current_run(manifest)
     if not current:
-        print(f"no checkpoints in {directory.url}", file=sys.stderr)
+        print(f"no checkpoints in {printable(directory.url)}", file=sys.stderr)
         return EXIT_FAILED
     monitor = args.metric or _policy_of(manifest).monitor
     if monitor is None:
         print("the policy has no monitor; name the metric to draw with --metric", file=sys.stderr)
         return EXIT_USAGE
+    run = current[-1].run
+    if not series(manifest, run, monitor)[0]:
+        others = ", ".join(printable(name) for name in metric_names(manifest, run)) or "none"
+        print(
+            f"no values of '{printable(monitor)}' in the newest run of {printable(directory.url)}; nothing was "
+            f"written. Metrics with values: {others}; choose one with --metric",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     extra = [m for m in (args.metrics or "").split(",") if m]
-    plot(manifest, current[-1].run, monitor, args.output, extra, title=directory.url)
-    print(f"wrote {args.output}")
+    plot(manifest, run, monitor, args.output, extra, title=directory.url)
+    print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
 
@@ -263,28 +374,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("ls", help="list committed checkpoints")
-    ls.add_argument("dir", help="checkpoint directory (local path or fsspec URL)")
+    ls.add_argument("dir", help=DIR_HELP)
     ls.add_argument("--json", action="store_true", help="print the manifest records as JSON")
     ls.add_argument("--verify", action="store_true", help="verify each checkpoint's checksums too")
     ls.set_defaults(func=cmd_ls)
 
     best = sub.add_parser("best", help="print the path of the best checkpoint")
-    best.add_argument("dir")
+    best.add_argument("dir", help=DIR_HELP)
     best.set_defaults(func=cmd_best)
 
     verify = sub.add_parser("verify", help="check every committed file against its size and checksum")
-    verify.add_argument("dir")
+    verify.add_argument("dir", help=DIR_HELP)
     verify.add_argument("--repair", action="store_true", help="rebuild a missing or corrupt manifest from the checkpoint files")
+    verify.add_argument(
+        "--force",
+        action="store_true",
+        help="with --repair: write an index even where there is no manifest.json and no *.meta.json sidecar "
+        "(by default repair refuses a folder that is not a checkpoint directory)",
+    )
     verify.set_defaults(func=cmd_verify)
 
     prune = sub.add_parser("prune", help="apply a (new) retention policy to a directory")
-    prune.add_argument("dir")
+    prune.add_argument("dir", help=DIR_HELP)
     prune.add_argument("--policy", required=True, help="policy YAML file")
     prune.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
     prune.set_defaults(func=cmd_prune)
 
     plot = sub.add_parser("plot", help="draw the monitored metric per epoch with kept checkpoints marked")
-    plot.add_argument("dir")
+    plot.add_argument("dir", help=DIR_HELP)
     plot.add_argument("-o", "--output", default="metrics.png", help="image file (png, svg, pdf)")
     plot.add_argument("--metric", default=None, help="metric to draw (default: the policy's monitor)")
     plot.add_argument("--metrics", default=None, help="other logged metrics to draw too, comma-separated")
@@ -303,18 +420,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from checkpoint_hooks.plot import OutputError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (PolicyError, OutputError) as exc:
+        _print_error(str(exc))
         return EXIT_USAGE
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return EXIT_DIRECTORY
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # the store failed on a file of the directory (permissions, a folder in its place)
+        where = exc.filename if exc.filename is not None else getattr(args, "dir", "")
+        _print_error(f"cannot use {str(where)!r}: {exc.strerror or exc}; check the path and its permissions")
+        return EXIT_DIRECTORY
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # no traceback for a user: one line that says what broke
+        _print_error(f"unexpected {type(exc).__name__}: {exc} (while running `{args.command}`; please report it)")
+        return EXIT_DIRECTORY
+
+
+def _print_error(message: str) -> None:
+    """One `error:` line per line of `message` (a policy error lists each field), each made printable."""
+    print("\n".join(printable(line) for line in f"error: {message}".split("\n")), file=sys.stderr)
 
 
 if __name__ == "__main__":

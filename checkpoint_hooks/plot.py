@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from checkpoint_hooks.core.manifest import Manifest
 from checkpoint_hooks.core.records import BEST, LAST, SNAPSHOT, Record
+
+NEEDS_MATPLOTLIB = "plot needs matplotlib: pip install 'checkpoint-hooks[cli]'"
+
+
+class OutputError(ValueError):
+    """The image cannot be written where `-o` points: a missing folder, an unknown format, no permission."""
 
 
 def series(manifest: Manifest, run: str, name: str) -> tuple[list[int], list[float]]:
@@ -23,6 +30,39 @@ def series(manifest: Manifest, run: str, name: str) -> tuple[list[int], list[flo
     return epochs, [points[e] for e in epochs]
 
 
+def metric_names(manifest: Manifest, run: str) -> list[str]:
+    """Every metric with at least one value in `run` (history or records), sorted."""
+    names = {name for entry in manifest.history if entry.get("run") == run for name in entry["metrics"]}
+    names.update(name for record in manifest.run_records(run) for name in record.metrics)
+    return sorted(names)
+
+
+def check_output(output: str) -> None:
+    """Refuse an image path before anything is drawn: its folder must exist and its extension name a format."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise OutputError(
+            f"cannot write {output!r}: the folder {folder!r} does not exist or is not a folder; create it or choose another -o"
+        )
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise SystemExit(NEEDS_MATPLOTLIB) from None
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    extension = os.path.splitext(output)[1].lstrip(".").lower()
+    if extension not in formats:
+        problem = f".{extension} is not an image format" if extension else "the name has no extension"
+        raise OutputError(f"cannot write {output!r}: {problem}; end -o with one of .{', .'.join(formats)} (e.g. metrics.png)")
+
+
+def _label(name: str) -> str:
+    """A metric or directory name as matplotlib text: printable, and `$` shown as itself (not math mode)."""
+    from checkpoint_hooks.cli import printable
+
+    return printable(name).replace("$", r"\$")
+
+
 def plot(manifest: Manifest, run: str, monitor: str, output: str, extra: Sequence[str] = (), title: str = "") -> None:
     """Draw `monitor` (and `extra` metrics) per epoch of `run` into `output` (PNG, SVG or PDF)."""
     try:
@@ -31,11 +71,22 @@ def plot(manifest: Manifest, run: str, monitor: str, output: str, extra: Sequenc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("plot needs matplotlib: pip install 'checkpoint-hooks[cli]'") from None
+        raise SystemExit(NEEDS_MATPLOTLIB) from None
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    try:
+        _draw(ax, manifest, run, monitor, extra, title)
+        fig.tight_layout()
+        fig.savefig(output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output!r}: {exc.strerror or exc}; choose another -o") from None
+    finally:
+        plt.close(fig)
+
+
+def _draw(ax: Any, manifest: Manifest, run: str, monitor: str, extra: Sequence[str], title: str) -> None:
     epochs, values = series(manifest, run, monitor)
-    ax.plot(epochs, values, "-", color="#4c72b0", label=monitor, zorder=1)
+    ax.plot(epochs, values, "-", color="#4c72b0", label=_label(monitor), zorder=1)
     records = manifest.run_records(run)
     markers: list[tuple[str, str, str, dict[str, Any]]] = [
         (BEST, "kept best (top-k)", "*", {"s": 180, "color": "#dd8452"}),
@@ -52,12 +103,9 @@ def plot(manifest: Manifest, run: str, monitor: str, output: str, extra: Sequenc
     for name in (m for m in extra if m != monitor):
         xs, ys = series(manifest, run, name)
         if xs:
-            ax.plot(xs, ys, "--", alpha=0.7, label=name, zorder=0)
+            ax.plot(xs, ys, "--", alpha=0.7, label=_label(name), zorder=0)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(monitor)
-    ax.set_title(title or f"{monitor} per epoch")
+    ax.set_ylabel(_label(monitor))
+    ax.set_title(_label(title) if title else f"{_label(monitor)} per epoch")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(output)
-    plt.close(fig)

@@ -26,8 +26,10 @@ def make_dir(path, values, **kw):
     return engine
 
 
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "checkpoint_hooks.cli", *args], capture_output=True, text=True)
+def run_cli(*args, timeout=60):
+    proc = subprocess.run(
+        [sys.executable, "-m", "checkpoint_hooks.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -47,6 +49,7 @@ def test_ls_table(tmp_path, capsys):
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[0][0] == str(tmp_path) and lines[0][1:] == ["(1", "checkpoint(s))"]
     assert lines[1] == ["epoch", "step", "val_loss", "tags", "size", "age", "verified", "path"]
+    assert all(set(cell) == {"-"} for cell in lines[2])  # piped: plain text, a rule under the header
     row = lines[3]
     assert row[:4] == ["1", "10", "0.3000", "best,last"] and row[-2:] == ["yes", "epoch=001-val_loss=0.3000.ckpt"]
 
@@ -130,6 +133,39 @@ def test_not_a_checkpoint_directory(tmp_path):
     assert code == 3 and "manifest.json' not found" in err and "Traceback" not in err
 
 
+def test_repair_refuses_a_folder_that_is_not_a_checkpoint_directory(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert main(["verify", "--repair", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {str(tmp_path)!r} is not a checkpoint directory") and "--force" in err
+    assert len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # nothing written
+    assert main(["verify", "--repair", "--force", str(tmp_path)]) == 0
+    assert "with 0 checkpoint(s)" in capsys.readouterr().out and (tmp_path / "manifest.json").is_file()
+
+
+def test_repair_of_a_lost_index_needs_no_force(tmp_path, capsys):
+    make_dir(tmp_path, [0.5, 0.4], top_k=2)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.head").unlink(missing_ok=True)
+    assert main(["verify", "--repair", str(tmp_path)]) == 0  # the sidecars make it a checkpoint directory
+    assert "with 2 checkpoint(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["ls", "best", "verify", "prune", "plot"])
+def test_every_dir_argument_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert "checkpoint directory: local path or fsspec URL" in " ".join(capsys.readouterr().out.split())
+
+
+def test_verify_help_documents_force(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    assert "--force" in capsys.readouterr().out
+
+
 def test_cli_imports_no_framework():
     code = "import sys, checkpoint_hooks.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','tensorflow','keras','paddle','lightning','pytorch_lightning')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -155,3 +191,12 @@ def test_plot_without_a_monitor_asks_for_one(tmp_path):
     make_dir(tmp_path / "run", [0.5], monitor=None)
     code, _, err = run_cli("plot", str(tmp_path / "run"), "-o", str(tmp_path / "m.png"))
     assert code == 2 and "--metric" in err
+
+
+def test_plot_of_a_metric_without_values_writes_nothing(tmp_path, capsys):
+    make_dir(tmp_path / "run", [0.5, 0.4])
+    out = tmp_path / "m.png"
+    assert main(["plot", str(tmp_path / "run"), "--metric", "val_acc", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no values of 'val_acc'" in err and "Metrics with values: val_loss" in err
+    assert not out.exists()
