@@ -2,6 +2,20 @@
 
     model.fit(train, eval_data, epochs=10, callbacks=[BestCheckpoint(monitor="val_loss")])
 
+Paddle's own arguments work as they do for `paddle.callbacks.ModelCheckpoint(save_freq, save_dir)`:
+`BestCheckpoint(1, "ckpt")` or `BestCheckpoint(save_freq=1, save_dir="ckpt")`. `save_dir` is
+`dirpath`; `save_freq=N` adds a snapshot every N epochs (epochs N, 2N, ... counted from 1)
+outside the top-k rotation. A BestCheckpoint without a directory of its own (no `dirpath`,
+`save_dir` or policy `dirpath`) writes where `fit(save_dir=...)` says, and then a `fit(save_freq=N)`
+other than 1 asks for snapshots every N epochs unless it has its own; with a directory of its
+own, a different `fit(save_dir=...)` is ignored with a warning. hapi adds no ModelCheckpoint of
+its own next to it.
+
+Names: `paddle.Model.load(prefix)` takes what follows a dot for a file extension, so the default
+names write a number's decimal point as `_` (`epoch=011-val_loss=0_1702`, loaded with
+`Model.load("ckpt/epoch=011-val_loss=0_1702")`); a `filename` template that makes a dot is refused
+(see `arguments`). Directories written with dotted names still resume.
+
 Metric names: hapi logs evaluation values under the training names (`loss`,
 `acc`, ...). Here the training values keep their names and the evaluation
 values of the same epoch get a `val_` prefix, so `monitor="val_loss"` ranks by
@@ -32,7 +46,12 @@ surfaces there. Saves on preemption are always synchronous.
 Resume: `fit()` has no initial epoch, so with `resume="auto"` the callback lets
 `fit(epochs=N)` walk through the finished epochs without running them and
 restores the newest verified training_state where the next epoch begins;
-training ends after epoch N-1 in total.
+training ends after epoch N-1 in total. The other callbacks hear nothing of the
+epochs passed over (no epoch or evaluation hooks), as Keras callbacks hear nothing
+of the epochs before `initial_epoch`: they see the epochs that run, with real logs,
+and their own counters (EarlyStopping, ReduceLROnPlateau) start at the resumed epoch.
+Every file read on resume is checked before it is unpickled (`safe_load`): a file
+whose pickle would run code is refused with `UnsafeCheckpointError`.
 
 Step and time saves: `every_n_steps` and `every_n_minutes` write a training_state
 (the rolling last) between two training batches, once every callback's hooks of
@@ -73,18 +92,23 @@ import paddle
 from checkpoint_hooks.core import Engine, MonitorError, Record
 from checkpoint_hooks.core.engine import TRAINING_STATE
 from checkpoint_hooks.core.errors import CheckpointError
+from checkpoint_hooks.core.planner import Plan
 from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
+from checkpoint_hooks.paddle.arguments import build_policy, without_dots
 from checkpoint_hooks.paddle.framework import PaddleFramework
-from checkpoint_hooks.paddle.hapi import BetweenBatches, EpochMean, below, fit_frame, has_loss, metrics
+from checkpoint_hooks.paddle.hapi import BetweenBatches, EpochMean, below, fit_arguments, fit_frame, has_loss, metrics
 from checkpoint_hooks.paddle.io import STATE_KEY
 from checkpoint_hooks.paddle.io import host_copy as _host_copy  # noqa: F401  (benchmarks/snapshot_copy.py)
+from checkpoint_hooks.paddle.safe_load import UnsafeCheckpointError
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 
-__all__ = ["STATE_KEY", "BestCheckpoint"]
+__all__ = ["STATE_KEY", "BestCheckpoint", "UnsafeCheckpointError"]
 
 log = logging.getLogger("checkpoint_hooks")
 
 _SHIM_MARK = "_checkpoint_hooks_shim"
+# The CallbackList hooks of an epoch; for an epoch passed over on resume only this callback hears them.
+_EPOCH_HOOKS = frozenset({"on_epoch_begin", "on_epoch_end", "on_eval_begin", "on_eval_end"})
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -106,11 +130,14 @@ def _releasing(method: F) -> F:
 class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
     """Keep the best checkpoints by a monitored metric, periodic snapshots and a rolling last; resume fit().
 
-    It is a `ModelCheckpoint`, so `fit()` adds no checkpoint callback of its own:
-    `fit(save_dir=...)` then writes nothing (EarlyStopping still uses it for its
-    best model). Put checkpoints where `dirpath` says.
+    It is a `ModelCheckpoint` and takes its arguments, so `fit()` adds no checkpoint
+    callback of its own; `fit(save_dir=...)` is where it writes when it has no directory
+    of its own (EarlyStopping writes its best model there too).
 
     Args:
+        save_freq: Paddle's ModelCheckpoint argument: a snapshot every N epochs, outside
+            the top-k rotation (not given: no snapshots unless `snapshots` asks).
+        save_dir: Paddle's ModelCheckpoint argument: the checkpoint directory (`dirpath`).
         monitor: metric to rank checkpoints by: `val_<name>` for evaluation values
             (`val_loss`, `val_acc`), the plain name for training values (`loss`, `acc`).
         policy: a `CheckpointPolicy`, a dict of its fields or a YAML file path.
@@ -123,23 +150,26 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
 
     def __init__(
         self,
-        monitor: str | None = None,
+        save_freq: int | None = None,
+        save_dir: str | os.PathLike[str] | None = None,
         *,
+        monitor: str | None = None,
         policy: CheckpointPolicy | Mapping[str, Any] | str | Path | None = None,
         dirpath: str | os.PathLike[str] | None = None,
         snapshots: int | Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(save_freq=1, save_dir=None)
-        self.model: paddle.Model | None = None  # ModelCheckpoint.__init__ skips Callback.__init__
-        self.params = {}  # type: ignore[typeddict-item]
         if monitor is not None:
             options["monitor"] = monitor
-        if dirpath is not None:
-            options["dirpath"] = os.fspath(dirpath)
-        if snapshots is not None:
-            options["snapshots"] = {"every_n_epochs": snapshots} if isinstance(snapshots, int) else snapshots
-        self.policy: CheckpointPolicy = load_policy(policy, **options)
+        built, self._own_directory = build_policy(
+            save_freq, save_dir, policy=policy, dirpath=dirpath, snapshots=snapshots, options=options
+        )
+        super().__init__(save_freq=save_freq or 1, save_dir=built.dirpath)
+        self.model: paddle.Model | None = None  # ModelCheckpoint.__init__ skips Callback.__init__
+        self.params = {}  # type: ignore[typeddict-item]
+        self.policy: CheckpointPolicy = built
+        self._built_policy = built  # what the arguments asked for; a fit may write to its save_dir instead
+        self._warned_save_dir = False
         self._paddle = PaddleFramework(self)
         self.session = FitSession(self.policy, self._paddle)
         self.resumed_from: Record | None = None
@@ -183,8 +213,10 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
         self._remove_shim()  # one a fit() that raised where no hook ran left behind
         self._check_model()
         self._in_fit, self._stopping = True, False
-        self._fit_callbacks = None
         self._fit_frame = fit_frame()
+        arguments = fit_arguments(self._fit_frame)
+        self._fit_callbacks = arguments.get("cbks")
+        self._use_policy(self._policy_for_fit(arguments.get("save_dir"), arguments.get("save_freq")))
         self._epoch, self._global_step, self._epoch_steps = -1, 0, 0
         self._pending = None
         self.start_epoch = 0
@@ -201,6 +233,8 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
                 log.log(engine.level, "resuming at epoch %d: epochs 0-%d are done and fit() passes over them",
                         self.start_epoch, self.start_epoch - 1)
         self._install_shim()
+        if self.start_epoch > 0:
+            self._install_callback_filter()
 
     @_releasing
     def on_epoch_begin(self, epoch: int | None = None, logs: Mapping[str, Any] | None = None) -> None:
@@ -274,6 +308,31 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
                 self.session.stop_for_preemption()
         self._finish()  # waits for a background save: its error is the fit's
 
+    # -- fit's own save arguments ---------------------------------------------------------
+
+    def _policy_for_fit(self, save_dir: Any, save_freq: Any) -> CheckpointPolicy:
+        """The policy of this fit: the callback's, in `fit(save_dir=...)` when it has no directory of its own."""
+        policy = self._built_policy
+        if save_dir is None:
+            return policy
+        save_dir = os.fspath(save_dir)
+        if self._own_directory:
+            if save_dir != policy.dirpath and not self._warned_save_dir:
+                self._warned_save_dir = True
+                log.warning(
+                    "fit(save_dir=%r) is ignored: BestCheckpoint writes to its own dirpath %r; pass the directory "
+                    "to one of them only", save_dir, policy.dirpath,
+                )
+            return policy
+        changes: dict[str, Any] = {"dirpath": save_dir}
+        if isinstance(save_freq, int) and save_freq > 1 and policy.snapshots.every_n_epochs is None:
+            changes["snapshots"] = {**policy.snapshots.model_dump(), "every_n_epochs": save_freq}
+        return load_policy(policy, **changes)
+
+    def _use_policy(self, policy: CheckpointPolicy) -> None:
+        self.policy = self.session.policy = policy
+        self.save_dir = policy.dirpath
+
     # -- checks -----------------------------------------------------------------------
 
     def _check_model(self) -> None:
@@ -303,7 +362,15 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
         """Save the finished epoch waiting for its evaluation and the other callbacks' hooks."""
         pending, self._pending = self._pending, None
         if pending is not None and self.session.engine is not None:
-            self.session.epoch_end(pending[0], self._global_step, pending[1])
+            adjust = self._loadable_names if self.policy.filename is None else None
+            self.session.epoch_end(pending[0], self._global_step, pending[1], adjust=adjust)
+
+    def _loadable_names(self, plan: Plan) -> Plan:
+        """`plan` with names Model.load(prefix) reads (no dot), chosen by the writer against its index."""
+        engine = self.session.engine
+        renamed = without_dots(plan, engine.manifest) if engine is not None and self._paddle.is_writer() else None
+        renamed = self._paddle.broadcast(renamed)
+        return renamed if renamed is not None else plan
 
     def _running_metrics(self) -> dict[str, Any]:
         mean = self._train_loss.value()
@@ -347,6 +414,7 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
     def _finish(self, failing: bool = False) -> None:
         """Undo what this fit installed and end the session (see `FitSession.end`)."""
         self._in_fit = False
+        self._remove_callback_filter()
         self._fit_callbacks = None
         self._fit_frame = None
         self._loader = None
@@ -401,6 +469,36 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
 
         setattr(run_one_epoch, _SHIM_MARK, (self, before))
         model.__dict__["_run_one_epoch"] = run_one_epoch
+
+    def _install_callback_filter(self) -> None:
+        """Let only this callback hear the epoch and evaluation hooks of the epochs passed over.
+
+        fit() calls them on its CallbackList for every epoch; the passes themselves run nothing,
+        so the other callbacks would get empty logs (and a `logs["loss"]` would fail). They
+        start hearing at the resumed epoch, as Keras callbacks do at `initial_epoch`.
+        """
+        callbacks = self._fit_callbacks
+        if callbacks is None or "_call" in callbacks.__dict__:
+            return
+        original = callbacks._call
+
+        def call(name: str, *args: Any) -> None:
+            if self._in_fit and name in _EPOCH_HOOKS and self._passing_over(name, args):
+                getattr(self, name)(*args)
+                return
+            original(name, *args)
+
+        setattr(call, _SHIM_MARK, self)
+        callbacks.__dict__["_call"] = call
+
+    def _passing_over(self, name: str, args: tuple[Any, ...]) -> bool:
+        epoch = int(args[0] or 0) if name in ("on_epoch_begin", "on_epoch_end") and args else self._epoch
+        return epoch < self.start_epoch
+
+    def _remove_callback_filter(self) -> None:
+        callbacks = self._fit_callbacks
+        if callbacks is not None and getattr(callbacks.__dict__.get("_call"), _SHIM_MARK, None) is self:
+            del callbacks.__dict__["_call"]
 
     def _remove_shim(self) -> None:
         """Take out this callback's shim, or one a callback no longer in a fit left behind."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ from checkpoint_hooks.core.framework import ResumePoint
 from checkpoint_hooks.core.resume_state import ResumeState
 from checkpoint_hooks.paddle import io as paddle_io
 from checkpoint_hooks.paddle.hapi import inference_extension
-from checkpoint_hooks.paddle.io import NAME_TABLE, STATE_KEY, host_copy, prefix_of
+from checkpoint_hooks.paddle.io import STATE_KEY, host_copy, prefix_of
+from checkpoint_hooks.paddle.safe_load import read_checked
 from checkpoint_hooks.policy import PolicyError
 
 if TYPE_CHECKING:
@@ -35,13 +37,35 @@ def world_size() -> int:
     return int(paddle.distributed.get_world_size())
 
 
+def check_shapes(path: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise one clear error when a saved tensor's shape is not that of the network's tensor of the same name.
+
+    Paddle's set_state_dict only warns and leaves such a tensor out, which then reads as a missing key.
+    """
+    for name, tensor in current.items():
+        value = saved.get(name)
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            continue
+        if list(shape) != list(tensor.shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this network: {name} has shape {list(shape)} in the checkpoint and "
+                f"{list(tensor.shape)} in the network (the model changed since it was saved); resume with the "
+                "network it was saved from, set resume='never' to start over, or give another dirpath"
+            )
+
+
 @dataclass
 class Loaded:
-    """A training state read at fit start, restored where its start epoch begins (hapi's fit() has no initial epoch)."""
+    """A training state read (and checked) at fit start, restored where its start epoch begins (hapi's
+    fit() has no initial epoch). The files are read once: what is restored is what was checked."""
 
     prefix: str
+    params: bytes  # the checked .pdparams
     optimizer: dict[str, Any] | None  # the .pdopt without the payload; None without a .pdopt
     state: ResumeState | None
+    rng_source: str  # the file the random states came from
+    scaler: bytes | None  # the checked .pdscaler, when there is one
 
 
 class PaddleFramework:
@@ -177,7 +201,9 @@ class PaddleFramework:
                 f"resume={path!r} is not a checkpoint: {prefix + '.pdparams'!r} does not exist; "
                 "pass a training_state path, 'auto' or 'never'"
             )
-        optimizer, state = paddle_io.read_training_state(prefix)
+        params = read_checked(prefix + ".pdparams")
+        optimizer, state, rng_source = paddle_io.read_training_state(prefix)
+        scaler = read_checked(prefix + ".pdscaler") if os.path.exists(prefix + ".pdscaler") else None
         if state is None or state.epoch is None:
             log.warning(
                 "%s.pdparams does not say which epoch it ends (its .pdopt has no %r); its state is loaded and "
@@ -185,7 +211,7 @@ class PaddleFramework:
                 prefix,
                 STATE_KEY,
             )
-        self.loaded = Loaded(prefix, optimizer, state)
+        self.loaded = Loaded(prefix, params, optimizer, state, rng_source, scaler)
         return state
 
     def set_start(self, point: ResumePoint) -> None:
@@ -199,9 +225,9 @@ class PaddleFramework:
         model = self.owner.hapi_model
         prefix = loaded.prefix
         extra = loaded.state.extra if loaded.state is not None else {}
-        params = paddle.load(prefix + ".pdparams")
-        params.pop(NAME_TABLE, None)
-        names = extra.get("param_names") or paddle_io.name_table(prefix + ".pdparams")
+        params, table = paddle_io.load_params(loaded.params)
+        names = extra.get("param_names") or table
+        check_shapes(prefix + ".pdparams", params, model.network.state_dict())
         missing, unexpected = model.network.set_state_dict(params)
         if missing:
             raise CheckpointError(
@@ -221,13 +247,13 @@ class PaddleFramework:
         ):
             optimizer.set_lr(float(learning_rate))
         scaler = getattr(model, "_scaler", None)
-        if scaler is not None and os.path.exists(prefix + ".pdscaler"):
-            scaler.load_state_dict(paddle.load(prefix + ".pdscaler"))
+        if scaler is not None and loaded.scaler is not None:
+            scaler.load_state_dict(paddle.load(io.BytesIO(loaded.scaler)))
         state = loaded.state
         # Files before the plain payload pickled rank 0's random states only: restored in a single process.
         legacy = state is not None and any("paddle_pickle" in r for r in state.rng)
         if state is not None and not (legacy and world_size() > 1):
-            self._source = prefix + ".pdopt"
+            self._source = loaded.rng_source
             self.owner.session.restore_rng(state, rank())
         session = self.owner.session
         level = session.engine.level if session.engine is not None else logging.DEBUG

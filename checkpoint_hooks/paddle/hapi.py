@@ -121,3 +121,16 @@ def below(frame: FrameType | None, ancestor: FrameType) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def fit_arguments(frame: FrameType | None) -> dict[str, Any]:
+    """What the running `Model.fit` was given and built: its `save_dir`, `save_freq` and CallbackList (`cbks`).
+
+    hapi hands `save_dir` and `save_freq` only to the ModelCheckpoint it adds when the callbacks
+    hold none, so a BestCheckpoint (a ModelCheckpoint) reads them from fit's frame. Empty when
+    the callbacks are driven by hand.
+    """
+    if frame is None:
+        return {}
+    names = frame.f_locals
+    return {name: names[name] for name in ("save_dir", "save_freq", "cbks") if name in names}

@@ -25,6 +25,7 @@ from checkpoint_hooks.core.buffers import REUSE_MIN_BYTES, HostBuffers
 from checkpoint_hooks.core.durable import DurableFile
 from checkpoint_hooks.core.engine import SaveItem
 from checkpoint_hooks.core.resume_state import ResumeState, read, set_host_rng_state
+from checkpoint_hooks.paddle.safe_load import LEGACY_RNG_GLOBALS, check_pickle, paddle_load, unpickle_legacy_rng
 
 log = logging.getLogger("checkpoint_hooks")
 
@@ -114,36 +115,43 @@ def save_files(item: SaveItem, files: Mapping[str, Any], path: str) -> None:
 # -- reading a training state ---------------------------------------------------------
 
 
-def read_training_state(prefix: str) -> tuple[dict[str, Any] | None, ResumeState | None]:
-    """The optimizer state of a training state's `.pdopt` (None without one) and its resume payload.
+def read_training_state(prefix: str) -> tuple[dict[str, Any] | None, ResumeState | None, str]:
+    """The optimizer state of a training state's `.pdopt` (None without one), its resume payload, and
+    the file the payload's random states came from (named in messages).
 
     The payload key is taken out of the optimizer state; version 1's side files are read when
-    the `.pdopt` holds none.
+    the `.pdopt` holds none. Every file is checked before it is unpickled (`safe_load`).
     """
     optimizer: dict[str, Any] | None = None
     payload: Any = None
+    source = prefix + ".pdopt"
     if os.path.exists(prefix + ".pdopt"):
-        optimizer = paddle.load(prefix + ".pdopt")
+        optimizer = paddle_load(prefix + ".pdopt")
         optimizer.pop(NAME_TABLE, None)
         payload = optimizer.pop(STATE_KEY, None)
     if not payload and os.path.exists(prefix + STATE_SUFFIX):
         with open(prefix + STATE_SUFFIX, encoding="utf-8") as f:
             payload = json.load(f)
         if os.path.exists(prefix + RNG_SUFFIX):
-            with open(prefix + RNG_SUFFIX, "rb") as f:
+            source = prefix + RNG_SUFFIX
+            with open(source, "rb") as f:
                 payload["rng"] = f.read()
-    return optimizer, read(payload)
+    state = read(payload)
+    for rng in state.rng if state is not None else ():
+        if isinstance(rng.get("paddle_pickle"), bytes):  # checked now, unpickled when the state is restored
+            check_pickle(rng["paddle_pickle"], source, LEGACY_RNG_GLOBALS)
+    return optimizer, state, source
 
 
-def name_table(path: str) -> dict[str, str]:
-    """paddle.save's structured -> unique parameter name table (paddle.load drops it), for checkpoints
-    written by Model.save itself rather than by this callback."""
-    try:
-        with open(path, "rb") as f:
-            table = pickle.load(f, encoding="latin1").get(NAME_TABLE)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):  # not a plain pickle
-        return {}
-    return dict(table) if isinstance(table, Mapping) else {}
+def load_params(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The parameters of checked `.pdparams` bytes and paddle.save's structured -> unique name table.
+
+    The table maps the optimizer keys of checkpoints that `Model.save` wrote itself (no
+    payload with the names) onto this process's parameters.
+    """
+    params = paddle.load(io.BytesIO(data), keep_name_table=True)
+    table = params.pop(NAME_TABLE, None)
+    return params, dict(table) if isinstance(table, Mapping) else {}
 
 
 def rename_optimizer_state(state: Mapping[str, Any], saved_names: Mapping[str, str], model: Any) -> dict[str, Any]:
@@ -240,9 +248,8 @@ def set_paddle_rng_state(state: Mapping[str, Any], where: str) -> None:
     legacy = state.get("paddle_pickle")
     saved: Any = state.get("paddle")
     if isinstance(legacy, bytes):
-        # Versions 1 and 2 pickled {"paddle", "numpy", "python"}; only this adapter, which unpickles the
-        # .pdopt holding them anyway, reads it. Plain data since.
-        old = pickle.loads(legacy)
+        # Versions 1 and 2 pickled {"paddle", "numpy", "python"}: checked like the files. Plain data since.
+        old = unpickle_legacy_rng(legacy, where)
         set_host_rng_state({"python": old["python"], "numpy": old["numpy"]})
         saved = old["paddle"]
     elif not isinstance(saved, list) or not saved:

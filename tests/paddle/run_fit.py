@@ -57,10 +57,8 @@ def main(argv: list[str]) -> int:
     model = regression_model(args.seed, dropout=shuffled)
     eval_data = Regression(16, seed=1, offsets=VAL_OFFSETS)
     recorder = Recorder(eval_data)
-    callback = BestCheckpoint(
-        monitor="val_loss", dirpath=args.dir, top_k=2, filename="epoch={epoch:03d}-{val_loss:.3f}",
-        snapshots={"every_n_epochs": 2, "keep": 1},
-    )
+    # The default names: numbers without a dot (val_loss=0_1234), which Model.load(prefix) reads.
+    callback = BestCheckpoint(monitor="val_loss", dirpath=args.dir, top_k=2, snapshots={"every_n_epochs": 2, "keep": 1})
     callbacks: list[paddle.callbacks.Callback] = [callback, recorder]
     if shuffled:
         # A per-epoch schedule stepped by hapi's LRScheduler callback after BestCheckpoint's epoch end.
