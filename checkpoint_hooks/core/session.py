@@ -52,6 +52,21 @@ class Saved:
     background: bool
 
 
+def show_info_logs() -> None:
+    """Make `verbose=True` print, as the frameworks' own verbose callbacks do, with or without a logging setup.
+
+    Where logging is configured (the root logger has handlers) our INFO records go there; where it
+    is not, they go to stderr through a handler of our own.
+    """
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not any(getattr(h, "checkpoint_hooks", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.checkpoint_hooks = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+
+
 class FitSession:
     """One fit of one framework under one policy (a callback keeps its session across fits).
 
@@ -100,6 +115,8 @@ class FitSession:
             is_writer=fw.is_writer(),
         )
         self.engine = engine
+        if self.policy.verbose and engine.is_writer:
+            show_info_logs()
         self._in_fit = True
         self._sigterm = self.preempted = False
         self._batches = self._epoch_step = self._step = self._previous_step = 0
@@ -198,7 +215,10 @@ class FitSession:
             while True:
                 record = next(candidates, None)
                 path, check = None, None
-                if record is not None:
+                foreign = self._foreign(engine, record) if record is not None else None
+                if foreign is not None:
+                    record = None
+                elif record is not None:
                     try:
                         path = engine.local_path(record)  # a download from a remote store
                         check = verifier.submit(engine.problems, record)
@@ -208,7 +228,9 @@ class FitSession:
                             raise
                         engine.warn_skipped(record, problems)
                         continue
-                shared = fw.broadcast((path, record.to_json() if record is not None else None))
+                shared = fw.broadcast((path, record.to_json() if record is not None else None, foreign))
+                if shared[2] is not None:
+                    raise CheckpointError(shared[2])
                 path, record = shared[0], Record.from_json(shared[1]) if shared[1] is not None else None
                 if not path:
                     return None
@@ -227,6 +249,17 @@ class FitSession:
                     return point
                 if record is not None and engine.is_writer:
                     engine.warn_skipped(record, problems)
+
+    def _foreign(self, engine: Engine, record: Record) -> str | None:
+        """Why `record` cannot be this framework's to resume from (another framework wrote it), or None."""
+        extension = self.framework.extensions.get(record.format)
+        if extension is None or record.primary_path.endswith(extension):
+            return None
+        return (
+            f"{engine.directory.url} holds checkpoints another framework wrote ({record.primary_path!r}; "
+            f"{self.framework.name} writes {extension} files); point dirpath at another directory, or set "
+            "resume='never' to start a run of its own beside them"
+        )
 
     def _resume_path(self, engine: Engine, given: str) -> ResumePoint | None:
         """Load the checkpoint `resume` names: one of the directory's (verified first), or any file."""
