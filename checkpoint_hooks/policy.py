@@ -245,6 +245,10 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
         description="Write, hash, commit and prune in a background worker, one save in flight at most: training waits only for a copy of the state in host memory (Paddle model exports and Keras legacy .h5 files are still written by the training thread).",
     )
     verify: bool = Field(default=True, description="Record a checksum for every file and verify it before resuming from it.")
+    fsync: bool = Field(
+        default=True,
+        description="Flush every checkpoint file and the index to the disk (fsync) before it counts as committed. false skips the flushes: saves stay safe against a killed process (files are still renamed into place only when complete) but not against a power loss or a kernel crash, which can leave a committed checkpoint empty; for network filesystems where one fsync takes seconds.",
+    )
     trust_other_owners: bool = Field(
         default=False,
         description="Resume from a checkpoint file (or directory) that belongs to another user. Off: such a resume is refused, since loading a checkpoint can run code it holds (pickles); turn it on only for directories whose writers you trust.",

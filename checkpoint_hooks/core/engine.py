@@ -45,7 +45,7 @@ from checkpoint_hooks.core.planner import (
     clean_metrics,
 )
 from checkpoint_hooks.core.records import BEST, LAST, Record
-from checkpoint_hooks.core.store import Store, open_store
+from checkpoint_hooks.core.store import LocalStore, Store, open_store
 from checkpoint_hooks.core.transaction import CurrentItem, Transaction, _files_below
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
 
@@ -116,6 +116,8 @@ class Engine:
                 self.store = open_store(self.policy.dirpath)
             except NotADirectoryError as exc:
                 raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
+        if isinstance(self.store, LocalStore):
+            self.store.fsync = self.policy.fsync
         self.directory = CheckpointDirectory(self.store)
         self._planner = Planner(self)
         self._transaction = Transaction(self, self._current)

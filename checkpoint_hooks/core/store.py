@@ -95,6 +95,8 @@ class LocalStore:
         self.root = os.path.abspath(os.path.expanduser(path))
         self.url = self.root
         self._real_root = os.path.realpath(self.root)  # what every path used must stay inside
+        # False (the policy's `fsync: false`): nothing is flushed; renames still publish only whole files
+        self.fsync = True
         self._appended: set[str] = set()  # files append_bytes wrote to (and fsynced the folder of, if it made them)
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(
@@ -134,7 +136,7 @@ class LocalStore:
     def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
         directories = {self.root}
         for rel in relpaths:
-            if rel not in synced:
+            if rel not in synced and self.fsync:
                 _fsync_path(os.path.join(staging_dir, *rel.split("/")))
         for rel in relpaths:
             target = self._abs(rel)
@@ -143,7 +145,7 @@ class LocalStore:
                 os.makedirs(parent, exist_ok=True)
                 directories.add(parent)
             os.replace(os.path.join(staging_dir, *rel.split("/")), target)
-        for directory in directories:
+        for directory in directories if self.fsync else ():
             _fsync_path(directory, directory=True)
 
     def read_bytes(self, relpath: str) -> bytes | None:
@@ -162,13 +164,15 @@ class LocalStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_path(os.path.dirname(target), directory=True)
+        if self.fsync:
+            _fsync_path(os.path.dirname(target), directory=True)
 
     def append_bytes(self, relpath: str, data: bytes) -> None:
         """Append and fsync: after a crash the file ends with all of `data`, a part of it, or none."""
@@ -191,7 +195,8 @@ class LocalStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if self.fsync:
+                    os.fsync(fd)
             except BaseException:
                 # a partial line (a full disk) is taken back, so the next append does not extend it
                 with contextlib.suppress(OSError):
@@ -199,7 +204,7 @@ class LocalStore:
                 raise
         finally:
             os.close(fd)
-        if created:
+        if created and self.fsync:
             _fsync_path(os.path.dirname(path), directory=True)
         self._appended.add(path)
 

@@ -168,30 +168,31 @@ class Transaction:
         store = self._host.store
         assert store is not None
         records = []
-        local = store.is_local  # a remote store's staging is a temporary copy: no need to hurry it to disk
+        # a remote store's staging is a temporary copy, and `fsync: false` asks for no flushes: no hurry to disk
+        flush = store.is_local and self._host.policy.fsync
         with store.staging() as stage, contextlib.ExitStack() as cleanup:
             # checksums a DurableFile computed for files of this save that were never taken
             cleanup.callback(durable.forget, stage)
             staged: list[tuple[str, list[str], list[str]]] = []  # folder, files, files already fsynced
             for index, item in enumerate(plan.items):
-                folder = stage_item(stage, index, item, write, self._current, to_disk=local)
+                folder = stage_item(stage, index, item, write, self._current, to_disk=flush)
                 files = _files_below(folder)
                 if not files:
                     raise SaveError(f"saving {item.filename} produced no file")
                 # The file named after the item comes first: it is what a framework loads.
                 files.sort(key=lambda rel: (rel != item.filename, rel))
-                entries, synced = self._describe(folder, files, local)
+                entries, synced = self._describe(folder, files, flush)
                 record = self._record(plan, index, item, entries)
                 sidecar = sidecar_name(item.name)
-                durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=local)
-                if local:
+                durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=flush)
+                if flush:
                     synced.append(sidecar)
                 staged.append((folder, [sidecar, *files], synced))
                 records.append(record)
             self._publish(store, staged)
         return records
 
-    def _describe(self, folder: str, files: list[str], local: bool) -> tuple[list[FileEntry], list[str]]:
+    def _describe(self, folder: str, files: list[str], flush: bool) -> tuple[list[FileEntry], list[str]]:
         """The entries of an item's files (size, checksum when verified) and those already fsynced."""
         verify = self._host.policy.verify
         entries = []
@@ -205,7 +206,7 @@ class Transaction:
                     synced.append(rel)
             elif verify:
                 # Read back; a large file is fsynced meanwhile, which leaves publish's fsync nothing to wait for.
-                with durable.syncing(path) if local else contextlib.nullcontext():
+                with durable.syncing(path) if flush else contextlib.nullcontext():
                     checksum, size = checksum_file(path)
             else:
                 checksum, size = None, os.path.getsize(path)
