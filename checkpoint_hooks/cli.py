@@ -181,7 +181,9 @@ def _print_problems(directory: CheckpointDirectory, problems: list[Problem]) -> 
 
 def _is_checkpoint_directory(directory: CheckpointDirectory) -> bool:
     """Whether the directory has an index or checkpoint sidecars: something repair can work from."""
-    return directory.store.exists(MANIFEST_NAME) or bool(sidecar_paths(directory.store.list_files()))
+    # sidecars lie at the top of their directory: one in a subfolder belongs to another directory
+    top = [p for p in sidecar_paths(directory.store.list_files()) if "/" not in p]
+    return directory.store.exists(MANIFEST_NAME) or bool(top)
 
 
 def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
@@ -209,6 +211,11 @@ def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
     rebuilt, skipped = directory.rebuild()
     for line in skipped:
         print(f"skipped {printable(line)}")
+    if not rebuilt.records and not force and not directory.store.exists(MANIFEST_NAME):
+        raise CheckpointError(
+            f"no checkpoint in {directory.url!r} could be rebuilt ({len(skipped)} sidecar(s) skipped); nothing "
+            "was written. Check the path, or pass --force to write an empty index there"
+        )
     _write(directory, MANIFEST_NAME, lambda: directory.commit(rebuilt))
     print(f"rebuilt {printable(directory.store.join(MANIFEST_NAME))} with {len(rebuilt.records)} checkpoint(s)")
     return EXIT_OK

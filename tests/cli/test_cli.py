@@ -200,3 +200,10 @@ def test_plot_of_a_metric_without_values_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no values of 'val_acc'" in err and "Metrics with values: val_loss" in err
     assert not out.exists()
+
+
+def test_repair_on_the_parent_of_a_checkpoint_directory_writes_nothing(tmp_path):
+    make_dir(tmp_path / "run", [0.5, 0.4], top_k=1)
+    code, _, err = run_cli("verify", "--repair", str(tmp_path))
+    assert code == 3 and "nothing was written" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["run"]
