@@ -680,6 +680,21 @@ class FitSession:
             raise CheckpointError("the checkpoint session has not begun; the callback must be passed to fit()")
         return self.engine
 
+    def note_complete(self, epochs: int | None) -> bool:
+        """Warn, and return True, when a resumed run has no epoch left of `epochs` (a finished script run again)."""
+        point, engine = self.resumed, self.engine
+        if epochs is None or point is None or engine is None or not engine.is_writer or point.start_epoch < epochs:
+            return False
+        best = self.best_model_path or (point.path if point.record is None else engine.path_of(point.record))
+        log.warning(
+            "training already completed %d epoch(s) in %s; nothing is left to train. The best checkpoint is %s. "
+            "Ask for more epochs, or set resume='never' or another dirpath to train again",
+            epochs,
+            engine.directory.url,
+            best,
+        )
+        return True
+
     @property
     def best_model_path(self) -> str:
         return self.engine.best_model_path if self.engine is not None else ""

@@ -229,7 +229,9 @@ class BestCheckpoint(KeptCheckpoints, paddle.callbacks.ModelCheckpoint):
         else:
             self._global_step = point.step
             engine = self.session.engine
-            if self.start_epoch > 0 and engine is not None:
+            epochs = (self.params or {}).get("epochs")
+            complete = self.session.note_complete(epochs if isinstance(epochs, int) else None)
+            if not complete and self.start_epoch > 0 and engine is not None:
                 log.log(engine.level, "resuming at epoch %d: epochs 0-%d are done and fit() passes over them",
                         self.start_epoch, self.start_epoch - 1)
         self._install_shim()

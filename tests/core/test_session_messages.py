@@ -50,3 +50,15 @@ def test_verbose_prints_saves_without_a_logging_setup(tmp_path: Path, verbose: b
     assert proc.returncode == 0, proc.stderr
     printed = "saved" in proc.stderr
     assert printed == verbose, proc.stderr
+
+
+def test_a_finished_run_started_again_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s, fw = session(tmp_path)
+    fit(s, fw, [0.5, 0.4])
+    s, fw = session(tmp_path)
+    s.begin()
+    with caplog.at_level("WARNING", logger="checkpoint_hooks"):
+        assert s.note_complete(2) and not s.note_complete(3)
+    s.end()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "already completed 2 epoch(s)" in said[0] and "epoch=001" in said[0]

@@ -244,3 +244,11 @@ def test_a_network_whose_shapes_changed_gets_one_clear_error(tmp_path):
     fresh = str(tmp_path / "elsewhere")
     fit(BestCheckpoint(dirpath=fresh), 1, model=wider_model())
     assert [r["epoch"] for r in manifest_records(fresh)] == [0]
+
+
+def test_running_a_finished_script_again_says_training_is_complete(tmp_path, caplog):
+    fit(BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path)), 2)
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        fit(BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path)), 2)
+    said = [r.getMessage() for r in caplog.records if "already completed" in r.getMessage()]
+    assert len(said) == 1 and "2 epoch(s)" in said[0] and str(tmp_path) in said[0] and "resume='never'" in said[0]
