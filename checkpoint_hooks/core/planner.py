@@ -9,6 +9,7 @@ its compiled metrics exist), and the run and the index change with every save.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import time
@@ -132,9 +133,11 @@ class Planner:
         monitor = self._host.policy.monitor
         if monitor is not None and monitor not in metrics:
             available = ", ".join(sorted(metrics)) or "none"
+            close = difflib.get_close_matches(monitor, sorted(map(str, metrics)), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise MonitorError(
                 f"monitor={monitor!r} is not among the logged metrics ({available}); "
-                f"log it, or set monitor to one of those"
+                f"log it, or set monitor to one of those{hint}"
             )
 
     def epoch_end(self, epoch: int, step: int, values: Mapping[str, float]) -> Plan:

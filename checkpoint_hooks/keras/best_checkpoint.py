@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import keras
 
 from checkpoint_hooks.core.engine import Engine, Plan
+from checkpoint_hooks.core.errors import MonitorError
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import BEST
 from checkpoint_hooks.core.retention import is_better
@@ -39,6 +41,8 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
         filepath: ModelCheckpoint's path template (`{epoch}`, `{batch}`, metric placeholders);
             optional in policy mode.
         monitor: the logged metric to rank checkpoints by (`"val_loss"` unless a policy says otherwise).
+            In policy mode a name that is not logged stops fit() at the first epoch end that logs
+            metrics of its kind (a MonitorError naming the closest logged key); drop-in mode warns.
         verbose: ModelCheckpoint's verbosity; in policy mode > 0 logs saves at INFO on the
             "checkpoint_hooks" logger.
         save_best_only: save only when the monitored value improves.
@@ -58,7 +62,8 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             `{"every_n_epochs": N, "keep": M}`, or a `SnapshotPolicy`.
         last: keep a rolling checkpoint of the newest epoch (the resume point).
         resume: "auto" continues from the newest verified checkpoint, "never" starts fresh,
-            or a path to a checkpoint to continue from.
+            or a path to a checkpoint to continue from. A checkpoint that ends fit()'s last epoch
+            trains nothing more; a warning says so and names the best checkpoint.
         verify: checksum every file and verify it before resuming from it.
         on_save_error: "raise" stops training when a save fails, "warn" trains on.
         every_n_steps: also save a training state every N optimizer steps, mid-epoch (the
@@ -69,6 +74,8 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             state tagged `preempted` before the process ends (default True).
         async_save: write the files at the epoch end and leave their hashing, fsync, the commit and
             pruning to a background thread while training goes on (default False).
+        fsync: flush every file to the disk before its commit (default True; False: safe against a
+            killed process, not against a power loss).
         trust_other_owners: resume from checkpoints that belong to another user (default False:
             refused, since loading a checkpoint can run code it holds).
         export_best: also export the best model as a TensorFlow SavedModel in
@@ -101,6 +108,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
         every_n_minutes: float | None = None,
         save_on_preemption: bool | None = None,
         async_save: bool | None = None,
+        fsync: bool | None = None,
         trust_other_owners: bool | None = None,
         export_best: bool = False,
     ) -> None:
@@ -121,6 +129,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             "every_n_minutes": every_n_minutes,
             "save_on_preemption": save_on_preemption,
             "async_save": async_save,
+            "fsync": fsync,
             "trust_other_owners": trust_other_owners,
         }
         self._policy_mode = (
@@ -153,6 +162,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
         self._fits = 0
         self._warned_monitor = False
         self._mode_settled = False
+        self._validated = False  # validation ran in the current epoch (Keras's fit calls on_test_begin for it)
         self._epoch_batches = 0  # batches of the current epoch
         self._step = 0  # the optimizer step: read at fit start and each epoch end, counted in between
         if not self._policy_mode:
@@ -257,6 +267,8 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             )
             if point is not None:
                 session.restore_rng(point.state)
+                epochs = (self.params or {}).get("epochs")
+                session.note_complete(epochs if isinstance(epochs, int) else None)
         except BaseException:
             self._finish_fit()
             raise
@@ -269,8 +281,13 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         super().on_epoch_begin(epoch, logs)
         self._epoch_batches = 0
+        self._validated = False
         if self.session is not None:
             self.session.epoch_begin(epoch)
+
+    def on_test_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        super().on_test_begin(logs)
+        self._validated = True  # fit() validates through evaluate(), with its own callbacks
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         session = self.session
@@ -312,15 +329,7 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             engine.policy = resolve_mode(engine.policy, self.model)
             self._mode_settled = True
         metrics = dict(logs or {})
-        monitor = session.policy.monitor
-        if monitor is not None and metrics.get(monitor) is None and not self._warned_monitor:
-            self._warned_monitor = True
-            logged = ", ".join(sorted(metrics)) or "none"
-            warnings.warn(
-                f"Can save best model only with {monitor} available. Logged metrics: {logged}. "
-                "Last and snapshot checkpoints are still saved; set monitor to one of the logged metrics.",
-                stacklevel=2,
-            )
+        self._check_monitor(metrics)
         self._step = self._framework.read_step()
         committed = None
         if session.policy.async_save and engine is not None:
@@ -356,6 +365,35 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self.session is not None:
             self._end_fit()  # waits for a background save: its error is the fit's
+
+    def _check_monitor(self, metrics: Mapping[str, Any]) -> None:
+        """Refuse a monitor that is never logged (a misspelling) before anything is named after it.
+
+        A validation metric can be missing only because validation did not run this epoch (no
+        validation_data, or validation_freq): then it warns once, as ModelCheckpoint does, and the
+        last and snapshot checkpoints are still saved. Once metrics of its kind were logged without
+        it, it never will be: fit() stops with a MonitorError that names the closest logged key.
+        """
+        session = self.session
+        assert session is not None
+        monitor = session.policy.monitor
+        if monitor is None or metrics.get(monitor) is not None:
+            return
+        if self._validated or not monitor.startswith("val_"):
+            try:
+                session.check_monitor(metrics, strict=True)
+            except MonitorError as exc:
+                self._end_fit(failing=True)
+                raise MonitorError(with_close_match(str(exc), monitor, metrics)) from None
+        if not self._warned_monitor:
+            self._warned_monitor = True
+            logged = ", ".join(sorted(metrics)) or "none"
+            warnings.warn(
+                f"Can save best model only with {monitor} available. Logged metrics: {logged}. "
+                "Validation did not run this epoch (no validation_data, or validation_freq); last and snapshot "
+                "checkpoints are still saved.",
+                stacklevel=3,
+            )
 
     # -- the end of a fit -------------------------------------------------------------------
 
@@ -437,3 +475,12 @@ class BestCheckpoint(KeptCheckpoints, keras.callbacks.ModelCheckpoint):  # type:
             log.log(engine.level, "Epoch %d: %s=%.5f enters the top %s (best %s), saving model to %s",
                     epoch + 1, monitor, score, policy.top_k if policy.top_k > 0 else "all", before, ranked[0])
 
+
+def with_close_match(message: str, monitor: str, metrics: Mapping[str, Any]) -> str:
+    """`message`, ending with the logged key closest to `monitor`: a misspelling, or a short form such as
+    `acc` for `accuracy` (the name Keras 2 logged), which is too short for a close match."""
+    if "did you mean" in message:
+        return message
+    keys = sorted(str(key) for key in metrics)
+    close = difflib.get_close_matches(monitor, keys, n=1, cutoff=0.6) or [k for k in keys if k.startswith(monitor)][:1]
+    return f"{message}; did you mean {close[0]!r}?" if close else message

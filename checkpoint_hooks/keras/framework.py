@@ -28,6 +28,7 @@ from checkpoint_hooks.core.framework import ResumePoint
 from checkpoint_hooks.core.resume_state import ResumeState, read
 from checkpoint_hooks.keras import snapshot as keras_snapshot
 from checkpoint_hooks.keras.arguments import KERAS_EXT, LEGACY_EXT, WEIGHTS_EXT
+from checkpoint_hooks.keras.shapes import Mismatch, first_mismatch
 
 log = logging.getLogger("checkpoint_hooks")
 
@@ -161,10 +162,10 @@ class KerasFramework:
         try:
             model.load_weights(path)
         except Exception as exc:
-            raise CheckpointError(
-                f"could not load {path} into this model ({type(exc).__name__}: {exc}); the model differs from the "
-                "one that saved it. Start fresh with resume='never' or another dirpath"
-            ) from exc
+            mismatch = first_mismatch(model, path)
+            if mismatch is not None:
+                raise shape_error(path, mismatch) from None  # the line says it all; Keras's lists every object
+            raise load_error(path, exc) from exc
         state = read_state(path)
         seeds = _seed_variables(model)
         saved = state.extra.get("seed_states") if state is not None else None
@@ -218,6 +219,26 @@ class KerasFramework:
         from checkpoint_hooks.torch.io import set_torch_rng_state
 
         set_torch_rng_state(state)
+
+
+def shape_error(path: str, mismatch: Mismatch) -> CheckpointError:
+    """One line naming the first variable whose shape changed since `path` was saved, and the ways out."""
+    return CheckpointError(
+        f"checkpoint {path} does not fit this model: {mismatch.name} has shape {mismatch.saved} in the checkpoint "
+        f"and {mismatch.current} in the model (the model changed since it was saved); resume with the model it "
+        "was saved from, set resume='never' to start over, or give another dirpath"
+    )
+
+
+def load_error(path: str, exc: Exception) -> CheckpointError:
+    """`path` did not load for another reason: the first line of Keras's message (the rest lists its objects)."""
+    first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if len(first_line) > 300:
+        first_line = first_line[:297] + "..."
+    return CheckpointError(
+        f"could not load {path} into this model ({type(exc).__name__}: {first_line}); the model differs from the "
+        "one that saved it. Start fresh with resume='never' or another dirpath"
+    )
 
 
 def read_state(path: str) -> ResumeState | None:

@@ -19,9 +19,9 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def make_model(seed: int = 0, dropout: bool = False) -> keras.Model:
+def make_model(seed: int = 0, dropout: bool = False, units: int = 8) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    layers: list[Any] = [keras.Input((4,)), keras.layers.Dense(8, activation="relu")]
+    layers: list[Any] = [keras.Input((4,)), keras.layers.Dense(units, activation="relu")]
     if dropout:
         layers.append(keras.layers.Dropout(0.25))
     layers.append(keras.layers.Dense(1))

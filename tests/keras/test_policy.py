@@ -139,17 +139,18 @@ def test_initial_value_threshold_must_be_beaten(tmp_path: Any) -> None:
     assert callback.best == 0.3
 
 
-def test_missing_monitor_warns_once_and_still_saves_last(tmp_path: Any) -> None:
-    callback = BestCheckpoint(monitor="val_nope", mode="min", dirpath=str(tmp_path), filename="n{epoch}")
+def test_validation_metric_without_validation_warns_once_and_still_saves_last(tmp_path: Any) -> None:
+    callback = BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path), filename="n{epoch}")
+    x, y = data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(make_model(), [callback], epochs=3)
-    messages = [str(w.message) for w in caught if "val_nope" in str(w.message)]
+        make_model().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[callback])  # no validation_data
+    messages = [str(w.message) for w in caught if "val_loss" in str(w.message)]
     assert len(messages) == 1
-    assert messages[0].startswith(
-        "Can save best model only with val_nope available. Logged metrics: loss, mae, val_loss, val_mae"
-    )
+    assert messages[0].startswith("Can save best model only with val_loss available. Logged metrics: loss, mae. ")
+    assert "Validation did not run this epoch" in messages[0]
     assert tags(tmp_path) == {"n3": ["last"]}
+    assert callback.best_model_path == ""
 
 
 def test_best_score_and_kept_set_survive_a_restart(tmp_path: Any) -> None:
