@@ -40,6 +40,46 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    """`--device cpu|cuda`: where the benchmark's tensors (or model) live."""
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the state's tensors live (default: cuda when a CUDA device is visible, else cpu, noted in the JSON)",
+    )
+
+
+def device(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The device `--device` asks for (or the default) and the JSON fields that say which it was.
+
+    Asking for cuda where none is visible ends the run with one line naming the fix.
+    """
+    import torch  # here: the Keras and Paddle benchmarks import this module without torch
+
+    visible = torch.cuda.is_available()
+    if args.device == "cuda" and not visible:
+        raise SystemExit("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False); use --device cpu")
+    chosen = args.device or ("cuda" if visible else "cpu")
+    fields: dict[str, Any] = {"device": chosen}
+    if args.device is None and not visible:
+        fields["device_note"] = "no CUDA device; measured on CPU"
+    if chosen == "cuda":
+        fields["device_name"] = torch.cuda.get_device_name()
+    return chosen, fields
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on the current CUDA stream, the training's (timings then include it); nothing on CPU.
+
+    Other streams (a background save's copies) are not waited for.
+    """
+    if device == "cuda":
+        import torch
+
+        torch.cuda.current_stream().synchronize()
+
+
 def reps(args: argparse.Namespace, default: int = 5, quick: int = 2) -> int:
     return args.reps if args.reps is not None else (quick if args.quick else default)
 

@@ -2,6 +2,14 @@
 
     python benchmarks/async_save.py            # a 1 GiB float32 state, 5 repetitions per variant
     python benchmarks/async_save.py --quick    # 64 MiB, 2 repetitions
+    python benchmarks/async_save.py --device cuda [--clone-share 0]   # the state on the GPU
+
+`--device cuda` puts the state on the GPU (the default where one is visible). The snapshot then
+clones it on the device when it fits `--clone-share` of the free memory (default
+`CLONE_SHARE_OF_FREE`; 0 never clones) and the worker copies the clones into pinned host
+buffers; otherwise it copies into pinned host buffers asynchronously. On CUDA the blocked time
+includes the wait for the work the snapshot queued on the training stream (a clone, or the copy
+to host), not the worker's copies on their own stream.
 
 Both variants go through the engine with checksums (verify=True), the way the Lightning adapter
 saves `weights`, alternated save by save (os.sync() untimed after each):
@@ -31,17 +39,24 @@ from save_throughput import weights_state
 
 from checkpoint_hooks.core.engine import Engine, SaveItem
 from checkpoint_hooks.policy import CheckpointPolicy
-from checkpoint_hooks.torch.io import SnapshotBuffers
+from checkpoint_hooks.torch.io import CLONE_SHARE_OF_FREE, SnapshotBuffers
 
 EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt"}
 
 
 def main() -> None:
-    args = common.parser(__doc__ or "").parse_args()
+    p = common.parser(__doc__ or "")
+    common.add_device(p)
+    p.add_argument(
+        "--clone-share", type=float, default=CLONE_SHARE_OF_FREE,
+        help=f"share of a GPU's free memory a snapshot may clone into (default {CLONE_SHARE_OF_FREE}; 0: never clone)",
+    )
+    args = p.parse_args()
+    device, device_fields = common.device(args)
     repetitions = common.reps(args, default=5, quick=2)
     size = (64 if args.quick else 1024) * common.MiB
-    state = weights_state(size)
-    buffers = SnapshotBuffers()
+    state = weights_state(size, device)
+    buffers = SnapshotBuffers(clone_share=args.clone_share)
     background: list[float] = []
     first_blocked: list[float] = []
     with common.workdir(args, "async") as root:
@@ -58,7 +73,7 @@ def main() -> None:
             torch.save(state, path)
 
         def write_copy(item: SaveItem, copy: Any, path: str) -> None:
-            torch.save(copy, path)
+            torch.save(buffers.ready(copy), path)
 
         def snapshot(item: SaveItem) -> Any:
             return buffers.copy(state)
@@ -66,6 +81,7 @@ def main() -> None:
         def sync() -> float:
             e = engine(False)
             plan = e.plan(0, 1, {})
+            common.synchronize(device)
             started = time.perf_counter()
             e.execute(plan, write)
             elapsed = time.perf_counter() - started
@@ -81,8 +97,10 @@ def main() -> None:
             e = background_engine
             epoch = next(epochs)
             plan = e.plan(epoch, epoch + 1, {})
+            common.synchronize(device)
             started = time.perf_counter()
             e.execute_async(plan, snapshot, write_copy, buffers.kept)
+            common.synchronize(device)
             blocked = time.perf_counter() - started
             started = time.perf_counter()
             e.wait()
@@ -105,6 +123,8 @@ def main() -> None:
             "state_MiB": size // common.MiB,
             "repetitions": repetitions,
             "torch": torch.__version__,
+            **device_fields,
+            "clone_share": args.clone_share if device == "cuda" else None,
             "machine": common.machine(),
             "sync_save_s": common.summary(times["sync"]),
             "async_blocked_s": common.summary(times["async_blocked"]),

@@ -61,21 +61,21 @@ EXTENSIONS = {"training_state": ".ckpt", "weights": ".weights.pt"}
 # -- the state ------------------------------------------------------------------------------
 
 
-def tensors(total_bytes: int, count: int, seed: int) -> list[torch.Tensor]:
-    """`count` float32 tensors of `total_bytes` together."""
+def tensors(total_bytes: int, count: int, seed: int, device: str = "cpu") -> list[torch.Tensor]:
+    """`count` float32 tensors of `total_bytes` together, on `device`."""
     g = torch.Generator().manual_seed(seed)
     per = total_bytes // 4 // count
-    return [torch.rand(per, generator=g) for _ in range(count)]
+    return [torch.rand(per, generator=g).to(device) for _ in range(count)]
 
 
-def weights_state(total_bytes: int) -> dict[str, torch.Tensor]:
+def weights_state(total_bytes: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A model state_dict: 16 layers of float32 weights."""
-    return {f"layers.{i}.weight": t for i, t in enumerate(tensors(total_bytes, 16, seed=1))}
+    return {f"layers.{i}.weight": t for i, t in enumerate(tensors(total_bytes, 16, seed=1, device=device))}
 
 
-def training_state(total_bytes: int) -> dict[str, Any]:
+def training_state(total_bytes: int, device: str = "cpu") -> dict[str, Any]:
     """Lightning's checkpoint dict shape: model (1/3) + Adam exp_avg and exp_avg_sq (2/3) + bookkeeping."""
-    params = tensors(total_bytes // 3, 8, seed=2)
+    params = tensors(total_bytes // 3, 8, seed=2, device=device)
     optimizer_state = {
         i: {"step": torch.tensor(1000.0), "exp_avg": torch.rand_like(p), "exp_avg_sq": torch.rand_like(p)}
         for i, p in enumerate(params)
@@ -193,12 +193,14 @@ def file_size(folder: str) -> int:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=None, help="state size in MiB (default 1024, --quick 64)")
+    common.add_device(p)
     args = p.parse_args()
+    device, device_fields = common.device(args)
     size = (args.mib if args.mib is not None else (64 if args.quick else 1024)) * common.MiB
     repetitions = common.reps(args, default=7)
 
     common.note(f"building states of {size / common.MiB:.0f} MiB ...")
-    objects = {"weights": weights_state(size), "training_state": training_state(size)}
+    objects = {"weights": weights_state(size, device), "training_state": training_state(size, device)}
     parts = Parts()
     instrument(parts)
     breakdowns: dict[str, list[dict[str, float]]] = {"weights": [], "training_state": [], "plain_weights": []}
@@ -274,7 +276,7 @@ def main() -> None:
 
             return run
 
-        tensors_flat = list(objects["weights"].values())
+        tensors_flat = [t.cpu() for t in objects["weights"].values()]  # the disk's limits: host bytes
 
         def raw(fsync: bool) -> Callable[[], float]:
             def run() -> float:
@@ -370,6 +372,7 @@ def main() -> None:
             "state_MiB": size // common.MiB,
             "repetitions": repetitions,
             "torch": torch.__version__,
+            **device_fields,
             "machine": common.machine(),
             "results": results,
         }

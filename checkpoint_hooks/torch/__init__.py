@@ -24,6 +24,11 @@ tagged `preempted` is saved and the signal then ends the process. Inside `with c
 exception escaping the loop saves one too (a plain `for` loop cannot tell an exception
 from a `break`). A mid-epoch checkpoint (`every_n_steps`) restarts its epoch from the first
 batch.
+
+With `async_save=True` the training thread only copies the state and a worker thread writes it.
+Tensors on a GPU are cloned on the device when that leaves at least 10% of its free memory free,
+and the worker copies the clones into pinned host memory; otherwise they are copied into pinned
+host memory asynchronously and the worker waits for that copy (`torch.io.SnapshotBuffers`).
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ class _Torch:
         return self.copies.copy(state) if self.is_writer() else None
 
     def write_snapshot(self, item: SaveItem, snapshot: Any, path: str) -> None:
-        save_torch(snapshot, path, self.owner.policy.verify)
+        save_torch(self.copies.ready(snapshot), path, self.owner.policy.verify)
 
     def load(self, path: str) -> ResumeState | None:
         owner = self.owner
