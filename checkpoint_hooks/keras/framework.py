@@ -206,19 +206,38 @@ class KerasFramework:
         self.model.stop_training = True
 
     def rng_state(self) -> dict[str, Any]:
-        """The torch backend's global generator: unseeded Dropout draws from it instead of a SeedGenerator."""
-        if keras.backend.backend() != "torch":
-            return {}
-        from checkpoint_hooks.torch.io import torch_rng_state
+        """Keras's global SeedGenerator (unseeded `keras.random` calls), and on the torch backend torch's generators."""
+        state: dict[str, Any] = {}
+        generator = _global_seed_generator()
+        if generator is not None:
+            state["keras_global_seed"] = np.asarray(generator.state.numpy()).tolist()
+        if keras.backend.backend() == "torch":
+            from checkpoint_hooks.torch.io import torch_rng_state
 
-        return torch_rng_state()
+            state.update(torch_rng_state())
+        return state
 
     def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        if keras.backend.backend() != "torch":
-            return
-        from checkpoint_hooks.torch.io import set_torch_rng_state
+        saved = state.get("keras_global_seed")
+        if saved is not None:
+            from keras.src.random.seed_generator import global_seed_generator
 
-        set_torch_rng_state(state)
+            variable = global_seed_generator().state
+            variable.assign(np.asarray(saved, dtype=variable.dtype))
+        if keras.backend.backend() == "torch":
+            from checkpoint_hooks.torch.io import set_torch_rng_state
+
+            set_torch_rng_state(state)
+
+
+def _global_seed_generator() -> Any:
+    """Keras's global SeedGenerator once something made it (None before: nothing drew from it)."""
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    except ImportError:  # a Keras without it: nothing to save
+        return None
+    return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
 
 
 def shape_error(path: str, mismatch: Mismatch) -> CheckpointError:

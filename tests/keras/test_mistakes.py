@@ -91,3 +91,13 @@ def test_a_validation_monitor_is_not_refused_in_an_epoch_without_validation(tmp_
     with pytest.warns(UserWarning, match="Validation did not run this epoch"):
         make_model().fit(x, y, validation_data=(x[:8], y[:8]), validation_freq=2, epochs=2, verbose=0, callbacks=[callback])
     assert callback.best_model_path == str(tmp_path / "v2.keras")
+
+
+def test_keras_global_seed_generator_is_restored_on_resume(tmp_path: Any) -> None:
+    first, second = make_model(), make_model()  # make_model reseeds Keras: both are built before any draw
+    keras.random.uniform((1,))  # an unseeded random op moves Keras's global SeedGenerator
+    fit(first, [BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path))], epochs=1)
+    after_save = float(keras.random.uniform((1,))[0])
+    keras.random.uniform((5,))  # the global generator moves on
+    fit(second, [BestCheckpoint(monitor="val_loss", dirpath=str(tmp_path))], epochs=1)  # resumes: nothing left
+    assert float(keras.random.uniform((1,))[0]) == after_save
