@@ -26,6 +26,7 @@ from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import CheckpointError, ManifestError
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import MANIFEST_NAME, Manifest, sidecar_paths
+from checkpoint_hooks.core.paths import printable
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.store import STAGING_PREFIX
 from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
@@ -33,26 +34,6 @@ from checkpoint_hooks.policy import CheckpointPolicy, PolicyError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIRECTORY = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 DIR_HELP = "checkpoint directory: local path or fsspec URL"
-
-
-def printable(text: object) -> str:
-    """`text` with every character a terminal could act on shown escaped (`\\x1b`, `\\x0a`, `\\u202e`).
-
-    Names in a checkpoint directory may be written by anyone: printed raw, an escape
-    sequence in one could retitle, clear or rewrite the user's terminal, and a newline
-    could forge a line of output. Printable characters (any script) are kept as they are.
-    """
-    value = str(text)
-    if value.isprintable():
-        return value
-    return "".join(char if char.isprintable() else _escaped(char) for char in value)
-
-
-def _escaped(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _open(dirpath: str) -> CheckpointDirectory:

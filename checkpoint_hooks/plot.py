@@ -58,7 +58,7 @@ def check_output(output: str) -> None:
 
 def _label(name: str) -> str:
     """A metric or directory name as matplotlib text: printable, and `$` shown as itself (not math mode)."""
-    from checkpoint_hooks.cli import printable
+    from checkpoint_hooks.core.paths import printable
 
     return printable(name).replace("$", r"\$")
 

@@ -492,8 +492,9 @@ PolicyLoader.add_constructor("tag:yaml.org,2002:int", PolicyLoader.construct_yam
 
 def _parse_policy_yaml(text: str, source: str) -> tuple[Any, Any]:
     """The node tree (for line numbers) and the data of a policy document; any failure is a PolicyError."""
-    loader = PolicyLoader(text)
+    loader = None
     try:
+        loader = PolicyLoader(text)  # its reader refuses control characters at once
         node = loader.get_single_node()
         return node, (loader.construct_document(node) if node is not None else None)
     except _Refused as exc:
@@ -508,7 +509,8 @@ def _parse_policy_yaml(text: str, source: str) -> tuple[Any, Any]:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PolicyError(f"{source}: a value cannot be read ({_clip(problem)}); simplify the file") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _where(source: str, mark: Any) -> str:

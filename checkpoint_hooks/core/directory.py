@@ -77,7 +77,7 @@ class CheckpointDirectory:
             return None
         try:
             return Head(raw, base, self.store.read_bytes(JOURNAL_NAME))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError, UnicodeDecodeError) as exc:
             log.debug("not using %s (%s); reading the full index", self.store.join(HEAD_NAME), exc)
             return None
 

@@ -409,7 +409,10 @@ class Engine:
         """
         assert self.store is not None
         if self.store.is_local:
-            with self.store.local_path(record.primary_path) as path:  # refused when it leads outside
+            for entry in record.files[1:]:  # every file the framework may read: regular files inside
+                with self.store.local_path(entry.path):
+                    pass
+            with self.store.local_path(record.primary_path) as path:
                 return path
         tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")
         self._materialized.append(tmp)

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from checkpoint_hooks.core.errors import CheckpointError, LockError
-from checkpoint_hooks.core.paths import UnsafePathError, open_regular
+from checkpoint_hooks.core.paths import UnsafePathError, open_regular, printable
 
 LOCK_NAME = ".checkpoint_hooks.lock"
 log = logging.getLogger("checkpoint_hooks")
@@ -35,7 +35,9 @@ def _holder_info() -> dict[str, Any]:
 def _describe(info: dict[str, Any]) -> str:
     started = info.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
-    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {when}"
+    # the lock file may be written by anyone: its values are shown escaped and short
+    pid, host = (printable(info.get(key, "?"))[:64] for key in ("pid", "host"))
+    return f"pid {pid} on host {host}, started {when}"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -187,7 +187,7 @@ class Manifest:
                 "do not train into it; `checkpoint-hooks verify --repair DIR` rebuilds the index from the "
                 "checkpoints' own sidecars, skipping what is unsafe"
             ) from None
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError, UnicodeDecodeError) as exc:
             raise ManifestError(
                 f"the manifest {source!r} is corrupt ({short_repr(str(exc))}); nothing was changed. Run "
                 f"`checkpoint-hooks verify --repair DIR` to rebuild it from the checkpoint files, "
@@ -350,7 +350,7 @@ def read_sidecar(raw: bytes) -> Record:
         return Record.from_json(json.loads(raw.decode("utf-8")))
     except UnsafePathError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable sidecar ({short_repr(str(exc))})") from None
 
 

@@ -117,3 +117,23 @@ def other_owner(path: str) -> int | None:
         if owner != uid:
             return owner
     return None
+
+
+def printable(text: object) -> str:
+    """`text` with every character a terminal could act on shown escaped (`\\x1b`, `\\x0a`, `\\u202e`).
+
+    Names in a checkpoint directory may be written by anyone: printed raw, an escape
+    sequence in one could retitle, clear or rewrite the user's terminal, and a newline
+    could forge a line of output. Printable characters (any script) are kept as they are.
+    """
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(char if char.isprintable() else _escaped(char) for char in value)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

@@ -108,11 +108,19 @@ class Record:
             roles=frozenset(data.get("roles") or ()),
             tags=frozenset(data.get("tags") or ()),
             files=files,
-            created=float(data.get("created") or 0.0),
+            created=finite(data.get("created") or 0.0, "created"),
             run=str(data.get("run") or ""),
             seq=int(data.get("seq") or 0),
             mid_epoch=bool(data.get("mid_epoch", False)),
         )
+
+
+def finite(value: Any, what: str) -> float:
+    """`value` as a float that JSON can hold again; ValueError for NaN and infinities."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return number
 
 
 def encode_float(value: float) -> float | str:

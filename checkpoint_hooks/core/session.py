@@ -31,7 +31,7 @@ from typing import Any
 from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
-from checkpoint_hooks.core.paths import other_owner
+from checkpoint_hooks.core.paths import UnsafePathError, other_owner
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.resume_state import ResumeState, host_rng_state, set_host_rng_state
@@ -222,7 +222,7 @@ class FitSession:
                     try:
                         path = engine.local_path(record)  # a download from a remote store
                         check = verifier.submit(engine.problems, record)
-                    except OSError:
+                    except (OSError, UnsafePathError):  # a FIFO, a link, a lost download: verify says which
                         problems = engine.problems(record)
                         if not problems:
                             raise
@@ -305,10 +305,13 @@ class FitSession:
 
     def _load(self, engine: Engine, record: Record | None, path: str) -> ResumePoint:
         if not self.policy.trust_other_owners:
-            owner = other_owner(path)
+            files = [path]
+            if record is not None and engine.store is not None and engine.store.is_local:
+                files += [engine.store.join(entry.path) for entry in record.files]
+            owner = next((uid for uid in map(other_owner, files) if uid is not None), None)
             if owner is not None:
                 raise CheckpointError(
-                    f"refusing to resume from {path!r}: it (or its folder) belongs to user id {owner}, not to this "
+                    f"refusing to resume from {path!r}: it (or a file of it, or its folder) belongs to user id {owner}, not to this "
                     f"user ({os.geteuid()}), and loading a checkpoint can run code it holds. Set "
                     "trust_other_owners=True if you trust whoever wrote it, resume='never' to start fresh, or "
                     "another dirpath"

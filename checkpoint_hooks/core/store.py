@@ -109,9 +109,11 @@ class LocalStore:
         """The full path of `relpath`, refused (UnsafePathError) when it would lead outside the directory."""
         target = os.path.join(self.root, *relative_path(relpath).split("/"))
         folder = os.path.dirname(target)
-        if folder != self.root and not within(self._real_root, os.path.realpath(folder)):
+        # resolved at every use: a folder of the path (dirpath's own included) swapped for a link meanwhile
+        if not within(self._real_root, os.path.realpath(folder)):
             raise UnsafePathError(
-                f"{relpath!r} leads outside {self.root!r} through a symbolic link; nothing was read or deleted for it"
+                f"{relpath!r} leads outside {self.root!r} (a symbolic link on its way points elsewhere); "
+                "nothing was read, written or deleted for it"
             )
         return target
 
@@ -231,10 +233,13 @@ class LocalStore:
         found: list[str] = []
         if not os.path.isdir(self.root):
             return found
-        for base, _dirs, files in os.walk(self.root):
-            for name in files:
-                rel = os.path.relpath(os.path.join(base, name), self.root)
-                found.append(rel.replace(os.sep, "/"))
+        try:
+            for base, _dirs, files in os.walk(self.root):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(base, name), self.root)
+                    found.append(rel.replace(os.sep, "/"))
+        except RecursionError:
+            raise UnsafePathError(f"{self.root!r} holds folders nested too deep to walk; move them out") from None
         return sorted(found)
 
     def exists(self, relpath: str) -> bool:
@@ -248,8 +253,8 @@ class LocalStore:
     @contextlib.contextmanager
     def local_path(self, relpath: str) -> Iterator[str]:
         path = self._abs(relpath)
-        if not within(self._real_root, os.path.realpath(path)):
-            raise UnsafePathError(f"{path!r} is a symbolic link to outside the checkpoint directory; not loaded")
+        # what a framework loads: a regular file here, not a link, a FIFO (a load would wait forever) or a device
+        os.close(open_regular(path))
         yield path
 
     def cleanup_staging(self) -> list[str]:
@@ -260,7 +265,10 @@ class LocalStore:
             if name.startswith(STAGING_PREFIX):
                 path = os.path.join(self.root, name)
                 if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
+                    try:
+                        shutil.rmtree(path, ignore_errors=True)
+                    except RecursionError:  # nested too deep to remove: left, and said
+                        raise UnsafePathError(f"{path!r} holds folders nested too deep to remove; remove it") from None
                 else:
                     with contextlib.suppress(OSError):
                         os.unlink(path)

@@ -43,6 +43,8 @@ import pickletools
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from checkpoint_hooks.core.errors import CheckpointError
 
 _NUMPY = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -78,6 +80,13 @@ class _Unknown:
 
 
 _UNKNOWN = _Unknown()
+
+
+def _refuse_value(source: str, what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"refused to use {source}: it holds {what}, which paddle.save never writes for a state dict; nothing "
+        "of it was used (check where this checkpoint directory came from, or set resume='never')"
+    )
 
 
 def _refuse(source: str, what: str) -> UnsafeCheckpointError:
@@ -163,7 +172,34 @@ def paddle_load(path: str) -> Any:
     """`paddle.load(path)` of a state dict file, after the check; raises UnsafeCheckpointError before loading."""
     import paddle
 
-    return paddle.load(io.BytesIO(read_checked(path)))
+    loaded = paddle.load(io.BytesIO(read_checked(path)))
+    try:
+        check_arrays(loaded, path)
+    except RecursionError:
+        raise _refuse_value(path, "nesting deeper than a state dict has") from None
+    return loaded
+
+
+_PLAIN_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex: what a state dict's arrays hold
+
+
+def check_arrays(value: Any, source: str) -> None:
+    """Refuse numpy values whose dtype is not a plain number (checked after loading, before any use).
+
+    The globals above let a pickle rebuild a dtype and set its state: a structured dtype with an
+    object field whose "holds objects" flag is cleared makes numpy take attacker bytes for a
+    pointer, followed as soon as the value is used. Reading `.dtype` does not follow it.
+    """
+    if isinstance(value, dict):
+        for item in value.values():
+            check_arrays(item, source)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_arrays(item, source)
+    elif isinstance(value, (np.ndarray, np.generic)):
+        dtype = value.dtype
+        if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in _PLAIN_KINDS:
+            raise _refuse_value(source, f"an array of dtype {str(dtype)[:80]!r}, not a plain number")
 
 
 def unpickle_legacy_rng(data: bytes, source: str) -> Any:

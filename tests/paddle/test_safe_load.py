@@ -232,3 +232,26 @@ def test_an_attribute_path_below_an_allowed_global_is_refused():
     data = in_a_dict(text("numpy") + text("ndarray.tofile") + STACK_GLOBAL + b")" + REDUCE)
     with pytest.raises(UnsafeCheckpointError, match=r"its pickle calls 'numpy\.ndarray\.tofile'"):
         check_pickle(data, "f.pdopt")
+
+
+def test_a_dtype_rebuilt_with_its_object_flag_cleared_is_refused_before_use(tmp_path):
+    # Only allowed globals (numpy dtype and scalar): the dtype's state clears the flag that says it holds
+    # objects, so numpy would take the 8 bytes for a pointer and follow it on the first use of the value.
+    import warnings
+
+    from checkpoint_hooks.paddle.safe_load import paddle_load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forged = np.dtype("V8")
+        state = list(np.dtype([("a", "O")]).__reduce__()[2])
+        state[-1] = 0
+        forged.__setstate__(tuple(state))
+        value = np.core.multiarray.scalar(forged, b"\x41" * 8)
+        data = pickle.dumps({"LR_Scheduler": {"last_epoch": 3, "best": value}}, protocol=4)
+    check_pickle(data, "x.pdopt")  # the globals alone pass: the check after loading catches it
+    path = tmp_path / "x.pdopt"
+    path.write_bytes(data)
+    with pytest.raises(UnsafeCheckpointError, match="not a plain number") as caught:
+        paddle_load(str(path))
+    assert "\n" not in str(caught.value)

@@ -382,3 +382,80 @@ def test_resuming_from_another_users_checkpoints_is_refused_unless_trusted(tmp_p
     s, fw = session(tmp_path / "run", top_k=1, trust_other_owners=True)
     fit(s, fw, [0.5, 0.4, 0.3])
     assert fw.start is not None and fw.start.start_epoch == 2
+
+
+# -- 8. found by trying: a swapped dirpath, special files at resume, numbers JSON cannot hold ---------
+
+
+def test_dirpath_swapped_for_a_link_mid_run_writes_and_deletes_nothing_outside(tmp_path):
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / MANIFEST_NAME).write_bytes(VICTIM_BYTES)
+    s, _fw = session(shared / "run", top_k=1)
+    s.begin()
+    s.epoch_end(0, 1, {"val_loss": 0.5})
+    os.rename(shared / "run", shared / "moved")
+    (shared / "run").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="leads outside"):
+        s.epoch_end(1, 2, {"val_loss": 0.4})
+    s.end(failing=True)
+    assert os.listdir(elsewhere) == [MANIFEST_NAME] and (elsewhere / MANIFEST_NAME).read_bytes() == VICTIM_BYTES
+
+
+def test_a_fifo_in_place_of_the_newest_checkpoint_falls_back_without_waiting(tmp_path, caplog):
+    s, fw = session(tmp_path, top_k=-1)
+    fit(s, fw, [0.5, 0.4, 0.3])
+    manifest = CheckpointDirectory(str(tmp_path)).read_manifest()
+    assert manifest is not None
+    newest = max(manifest.records, key=lambda r: r.seq).files[0].path
+    (tmp_path / newest).unlink()
+    os.mkfifo(tmp_path / newest)
+    s, fw = session(tmp_path, top_k=-1)
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        fit(s, fw, [0.5, 0.4, 0.3, 0.2])
+    assert newest not in fw.loaded and fw.start is not None and fw.start.start_epoch == 2
+    assert any("FIFO" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field", ["epoch", "bytes", "created"])
+def test_numbers_json_cannot_hold_make_a_one_line_corrupt_index(tmp_path, ckpt, field):
+    def change(data: dict[str, Any]) -> None:
+        record = data["records"][0]
+        target = record["files"][0] if field == "bytes" else record
+        target[field] = float("inf") if field != "created" else float("nan")
+
+    rewrite_index(ckpt, change)
+    assert_one_line_error(cli("ls", str(ckpt)), 3, "is corrupt")
+
+
+def test_a_lock_left_with_escape_sequences_is_shown_escaped(tmp_path, ckpt, caplog):
+    (ckpt / LOCK_NAME).write_text(json.dumps({"pid": "\x1b]0;x\x07\x1b[2J", "host": "h\nFAKE", "started": 1}))
+    engine = Engine(CheckpointPolicy(dirpath=str(ckpt), monitor="val_loss", top_k=-1), extensions=EXT)
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        engine.start()
+    engine.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "taking over" in said and "\x1b" not in said and "\n" not in said and "\\x1b" in said
+
+
+def test_another_users_file_beside_the_primary_one_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files to another user")
+    s, fw = session(tmp_path, top_k=1)
+    fit(s, fw, [0.5, 0.4])
+    manifest = CheckpointDirectory(str(tmp_path)).read_manifest()
+    assert manifest is not None
+    newest = max(manifest.records, key=lambda r: r.seq)
+    (tmp_path / "extra.bin").write_bytes(b"planted")
+    os.chown(tmp_path / "extra.bin", 65534, 65534)
+
+    def change(data: dict[str, Any]) -> None:
+        for record in data["records"]:
+            if record["name"] == newest.name:
+                record["files"].append({"path": "extra.bin", "bytes": 7, "checksum": None})
+
+    rewrite_index(tmp_path, change)
+    s, fw = session(tmp_path, top_k=1)
+    with pytest.raises(CheckpointError, match="belongs to user id 65534"):
+        fit(s, fw, [0.5, 0.4, 0.3])
+    assert fw.loaded == []
