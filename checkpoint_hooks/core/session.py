@@ -308,7 +308,7 @@ class FitSession:
             files = [path]
             if record is not None and engine.store is not None and engine.store.is_local:
                 files += [engine.store.join(entry.path) for entry in record.files]
-            owner = next((uid for uid in map(other_owner, files) if uid is not None), None)
+            owner = next((uid for uid in map(other_owner, dict.fromkeys(files)) if uid is not None), None)
             if owner is not None:
                 raise CheckpointError(
                     f"refusing to resume from {path!r}: it (or a file of it, or its folder) belongs to user id {owner}, not to this "

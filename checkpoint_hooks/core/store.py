@@ -190,8 +190,9 @@ class LocalStore:
             created = not os.path.exists(path)
             fd = open_regular(path, flags | os.O_CREAT)
         try:
-            size = os.fstat(fd).st_size
-            if os.fstat(fd).st_nlink > 1:
+            st = os.fstat(fd)
+            size = st.st_size
+            if st.st_nlink > 1:
                 raise UnsafePathError(f"{path!r} has other hard links; refusing to append to a file shared with others")
             try:
                 view = memoryview(data)
