@@ -48,6 +48,7 @@ PARALLEL_MIN = 4 * MiB  # writes this large are hashed on a helper thread while 
 GATHER = 1 * MiB  # smaller writes are gathered into one system call
 SYNC_AHEAD_MIN = 64 * MiB  # files this large are fsynced while they are hashed
 POLL = 0.02  # seconds between two looks at a folder a writer is writing into
+IDLE_JOIN = 0.5  # seconds the end of the last watch waits for the thread to end
 
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -342,8 +343,14 @@ class _Watcher:
         return watch
 
     def remove(self, watch: _Watch) -> None:
+        """Stop watching; with no folder left the thread ends before this returns (no thread outlives a fit)."""
         with self._lock:
             watch.active = False  # the thread owns the descriptors and closes them
+            self._lock.notify()
+            idle = not any(w.active for w in self._watches)
+            thread = self._thread if idle else None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=IDLE_JOIN)  # a watch added meanwhile keeps it running: then stop waiting
 
     def _run(self) -> None:
         while True:
@@ -352,8 +359,9 @@ class _Watcher:
                     watch.close()
                     self._watches.remove(watch)
                 if not self._watches:
-                    self._lock.wait()
-                    continue
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return  # the next `add` starts another
                 now = time.monotonic()
                 due = [w for w in self._watches if w.active and now - w.since >= POLL]
             for watch in due:
@@ -361,7 +369,9 @@ class _Watcher:
                     watch.scan()
                 except Exception as exc:  # a hint only: never let it stop the thread
                     log.debug("writeback of %s: %s", watch.folder, exc)
-            time.sleep(POLL)
+            with self._lock:
+                if any(w.active for w in self._watches):
+                    self._lock.wait(POLL)  # `remove` wakes it
 
 
 _watcher = _Watcher() if _sync_file_range is not None else None
