@@ -25,7 +25,7 @@ from checkpoint_hooks.core import retention
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import CheckpointError, ManifestError
 from checkpoint_hooks.core.lock import DirectoryLock
-from checkpoint_hooks.core.manifest import MANIFEST_NAME, Manifest, sidecar_paths
+from checkpoint_hooks.core.manifest import MANIFEST_NAME, Manifest
 from checkpoint_hooks.core.paths import printable
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.store import STAGING_PREFIX
@@ -49,7 +49,7 @@ def _manifest(directory: CheckpointDirectory) -> Manifest:
     manifest = directory.read_manifest()
     if manifest is None:
         raise ManifestError(
-            f"{directory.store.join(MANIFEST_NAME)!r} not found: not a checkpoint directory, or its index was lost "
+            f"{directory.index.join(MANIFEST_NAME)!r} not found: not a checkpoint directory, or its index was lost "
             "(`checkpoint-hooks verify --repair DIR` rebuilds it)"
         )
     return manifest
@@ -163,8 +163,8 @@ def _print_problems(directory: CheckpointDirectory, problems: list[Problem]) -> 
 def _is_checkpoint_directory(directory: CheckpointDirectory) -> bool:
     """Whether the directory has an index or checkpoint sidecars: something repair can work from."""
     # sidecars lie at the top of their directory: one in a subfolder belongs to another directory
-    top = [p for p in sidecar_paths(directory.store.list_files()) if "/" not in p]
-    return directory.store.exists(MANIFEST_NAME) or bool(top)
+    top = [p for p in directory.sidecars() if "/" not in p]
+    return directory.index.exists(MANIFEST_NAME) or bool(top)
 
 
 def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
@@ -177,10 +177,10 @@ def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
         manifest = directory.read_manifest()
     except ManifestError:
         manifest = None
-        raw = directory.store.read_bytes(MANIFEST_NAME) or b""
+        raw = directory.index.read_bytes(MANIFEST_NAME) or b""
         kept = f"{MANIFEST_NAME}.corrupt-{int(time.time())}"
-        _write(directory, kept, lambda: directory.store.write_bytes(kept, raw))
-        print(f"the corrupt manifest was kept as {printable(directory.store.join(kept))}")
+        _write(directory, kept, lambda: directory.index.write_bytes(kept, raw))
+        print(f"the corrupt manifest was kept as {printable(directory.index.join(kept))}")
     if manifest is not None:
         _, problems = _check_committed(directory, manifest)
         if not problems:
@@ -192,13 +192,13 @@ def _repair(directory: CheckpointDirectory, force: bool = False) -> int:
     rebuilt, skipped = directory.rebuild()
     for line in skipped:
         print(f"skipped {printable(line)}")
-    if not rebuilt.records and not force and not directory.store.exists(MANIFEST_NAME):
+    if not rebuilt.records and not force and not directory.index.exists(MANIFEST_NAME):
         raise CheckpointError(
             f"no checkpoint in {directory.url!r} could be rebuilt ({len(skipped)} sidecar(s) skipped); nothing "
             "was written. Check the path, or pass --force to write an empty index there"
         )
     _write(directory, MANIFEST_NAME, lambda: directory.commit(rebuilt))
-    print(f"rebuilt {printable(directory.store.join(MANIFEST_NAME))} with {len(rebuilt.records)} checkpoint(s)")
+    print(f"rebuilt {printable(directory.index.join(MANIFEST_NAME))} with {len(rebuilt.records)} checkpoint(s)")
     return EXIT_OK
 
 
@@ -209,7 +209,7 @@ def _write(directory: CheckpointDirectory, relpath: str, write: Any) -> None:
     except OSError as exc:
         failed = exc.filename2 or exc.filename
         if failed is None or os.path.basename(str(failed)).startswith(STAGING_PREFIX):
-            failed = directory.store.join(relpath)
+            failed = directory.index.join(relpath)
         raise CheckpointError(
             f"cannot write {str(failed)!r}: {exc.strerror or exc}; "
             "check that the directory exists and that this user can write to it, then repeat"

@@ -89,6 +89,7 @@ class Engine:
     epoch_base: int = 0
     is_writer: bool = True
     store: Store | None = None
+    index_beside: bool = False  # where a new local directory keeps its index (core.layout)
     directory: CheckpointDirectory = field(init=False)
     _manifest: Manifest = field(init=False, default_factory=Manifest)
     run: str = field(init=False, default="")
@@ -118,7 +119,7 @@ class Engine:
                 raise PolicyError(f"{exc.strerror}. Received: dirpath={self.policy.dirpath!r}") from None
         if isinstance(self.store, LocalStore):
             self.store.fsync = self.policy.fsync
-        self.directory = CheckpointDirectory(self.store)
+        self.directory = CheckpointDirectory(self.store, index_beside=self.index_beside)
         self._planner = Planner(self)
         self._transaction = Transaction(self, self._current)
         self._executor = Executor(self, self._save_now, self._transaction.fail, self._current)
@@ -257,7 +258,7 @@ class Engine:
         self._planner.last_save_time = time.monotonic()  # every_n_minutes counts from the fit's start
         if not self.is_writer:
             return
-        self._lock = DirectoryLock(self.store)
+        self._lock = DirectoryLock(self.directory.index)
         self._lock.acquire()
         try:
             head = self.directory.read_head() if self.policy.resume == "auto" else None
@@ -438,10 +439,11 @@ class Engine:
         """Raise MonitorError naming the keys that do appear when the monitor is missing."""
         self._planner.require_monitor(metrics)
 
-    def plan(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> Plan:
-        """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only."""
+    def plan(self, epoch: int, step: int, metrics: Mapping[str, Any], *, mid_epoch: bool = False) -> Plan:
+        """What this epoch end (or, `mid_epoch`, a save point ranked like one inside the epoch) saves.
+        A missing monitored value skips the top-k rule for this save only."""
         self._between_saves()
-        return self._planner.epoch_end(epoch, step, self._observe(epoch, step, metrics))
+        return self._planner.epoch_end(epoch, step, self._observe(epoch, step, metrics), mid_epoch=mid_epoch)
 
     def plan_training_state(
         self, epoch: int, step: int, metrics: Mapping[str, Any], *, mid_epoch: bool, preempted: bool = False

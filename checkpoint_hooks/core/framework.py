@@ -63,6 +63,8 @@ class Framework(Protocol):
         broadcasts: whether `broadcast` reaches the other processes; where it cannot, they read the
             writer's choice of checkpoint from the directory.
         buffers: host arrays background snapshots copy into, kept from save to save (None: no async copies).
+        index_beside: a new local directory keeps its index beside it (`core.layout`), leaving the
+            directory to the checkpoint files, as the framework's own callback does.
     """
 
     # read-only: an adapter may give plain class attributes of narrower types
@@ -84,6 +86,8 @@ class Framework(Protocol):
     def broadcasts(self) -> bool: ...
     @property
     def buffers(self) -> HostBuffers[Any] | None: ...
+    @property
+    def index_beside(self) -> bool: ...
 
     def is_writer(self) -> bool:
         """Whether this process writes checkpoints (rank zero, the chief)."""

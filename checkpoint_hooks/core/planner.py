@@ -140,17 +140,20 @@ class Planner:
                 f"log it, or set monitor to one of those{hint}"
             )
 
-    def epoch_end(self, epoch: int, step: int, values: Mapping[str, float]) -> Plan:
+    def epoch_end(self, epoch: int, step: int, values: Mapping[str, float], *, mid_epoch: bool = False) -> Plan:
         """What this epoch end saves. A missing monitored value skips the top-k rule for this epoch only.
 
         Args:
             epoch: the 0-based epoch that ended.
             step: the global step.
             values: the epoch's metrics, from `observe`.
+            mid_epoch: a save point inside `epoch` ranked like an epoch end (a validation there): no snapshot,
+                and its items are marked mid-epoch.
         """
         host = self._host
         policy, fmt = host.policy, host.format
-        roles = retention.plan_save(policy, host.manifest.holders(host.run, BEST), epoch, self.monitored_value(values))
+        holders = host.manifest.holders(host.run, BEST)
+        roles = retention.plan_save(policy, holders, epoch, self.monitored_value(values), mid_epoch=mid_epoch)
         if not roles:
             return Plan(epoch, step, values)
         namer = self._namer(epoch, step, values)
@@ -164,6 +167,8 @@ class Planner:
                 items.append(namer(policy.filename_template, fmt, wanted - {LAST}))
             if roles.last:
                 items.append(namer(LAST_TEMPLATE, TRAINING_STATE, frozenset({LAST})))
+        if mid_epoch:
+            items = [replace(item, mid_epoch=True) for item in items]
         return Plan(epoch, step, values, tuple(items))
 
     def training_state(

@@ -98,11 +98,14 @@ def snapshot_due(policy: CheckpointPolicy, epoch: int) -> bool:
     return every is not None and (epoch + 1) % every == 0
 
 
-def plan_save(policy: CheckpointPolicy, records: Sequence[Record], epoch: int, score: float | None) -> SaveRoles:
+def plan_save(
+    policy: CheckpointPolicy, records: Sequence[Record], epoch: int, score: float | None, *, mid_epoch: bool = False
+) -> SaveRoles:
     """Roles this epoch end saves for, given the committed records of the current run.
 
     `score` is the monitored value this epoch (None when it was not logged: then
     the top-k rule does not consider this epoch, snapshots and last still do).
+    `mid_epoch`: a save point inside the epoch (a validation there): no snapshot, which belongs to epoch ends.
     """
     best = False
     if policy.top_k != 0 and (policy.monitor is None or score is not None):
@@ -111,7 +114,7 @@ def plan_save(policy: CheckpointPolicy, records: Sequence[Record], epoch: int, s
         if best and policy.save_best_only:
             previous = best_score(members, policy.monitor or "", policy.resolved_mode) if policy.monitor else None
             best = is_better(score, previous, policy.resolved_mode, policy.min_delta)
-    return SaveRoles(best=best, snapshot=snapshot_due(policy, epoch), last=policy.last)
+    return SaveRoles(best=best, snapshot=not mid_epoch and snapshot_due(policy, epoch), last=policy.last)
 
 
 def milestones(policy: CheckpointPolicy, records: Sequence[Record]) -> list[Record]:

@@ -113,6 +113,7 @@ class FitSession:
             resumable_formats=fw.resumable_formats,
             epoch_base=fw.epoch_base,
             is_writer=fw.is_writer(),
+            index_beside=fw.index_beside,
         )
         self.engine = engine
         if self.policy.verbose and engine.is_writer:
@@ -474,9 +475,7 @@ class FitSession:
         engine = self._require_engine()
         self._epoch, self._step, self._epoch_done = epoch, step, True
         self._metrics = metrics
-        plan = engine.plan(epoch, step, metrics) if self._decides(engine) else None
-        plan = self.framework.broadcast(plan)
-        assert plan is not None
+        plan = self._ranked_plan(engine, epoch, step, metrics, mid_epoch=False)
         if adjust is not None:
             plan = adjust(plan)
         due, self._due_at_epoch_end = self._due_at_epoch_end, False
@@ -488,6 +487,27 @@ class FitSession:
             assert extra is not None
             plan = Plan(plan.epoch, plan.step, plan.metrics, plan.items + extra.items)
         return self.save(plan, background=background(plan) if callable(background) else background)
+
+    def within_epoch(self, epoch: int, step: int, metrics: Metrics, *, background: bool | None = None) -> Saved:
+        """A save point inside an epoch ranked as an epoch end is (Lightning's validation every N batches, its
+        every_n_train_steps): the top-k rule and the rolling last apply, snapshots do not; its items are mid-epoch.
+
+        Args:
+            epoch: the 0-based epoch it falls in.
+            step: the global step.
+            metrics: the logged metrics now.
+            background: save in the background (default: `policy.async_save`).
+        """
+        engine = self._require_engine()
+        self._step, self._metrics = step, metrics
+        return self.save(self._ranked_plan(engine, epoch, step, metrics, mid_epoch=True), background=background)
+
+    def _ranked_plan(self, engine: Engine, epoch: int, step: int, metrics: Metrics, *, mid_epoch: bool) -> Plan:
+        """The writer's plan under the top-k, snapshot and last rules, the same on every process."""
+        plan = engine.plan(epoch, step, metrics, mid_epoch=mid_epoch) if self._decides(engine) else None
+        plan = self.framework.broadcast(plan)
+        assert plan is not None
+        return plan
 
     def check_monitor(self, metrics: Metrics, *, strict: bool) -> bool:
         """Whether the monitored metric is logged; raise MonitorError (`strict`) or warn once when not."""

@@ -167,6 +167,7 @@ class Transaction:
         """
         store = self._host.store
         assert store is not None
+        index_dir = self._host.directory.index
         records = []
         # a remote store's staging is a temporary copy, and `fsync: false` asks for no flushes: no hurry to disk
         flush = store.is_local and self._host.policy.fsync
@@ -184,12 +185,26 @@ class Transaction:
                 entries, synced = self._describe(folder, files, flush)
                 record = self._record(plan, index, item, entries)
                 sidecar = sidecar_name(item.name)
-                durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=flush)
-                if flush:
-                    synced.append(sidecar)
-                staged.append((folder, [sidecar, *files], synced))
+                if index_dir is store:  # published with the files, ahead of them
+                    durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=flush)
+                    if flush:
+                        synced.append(sidecar)
+                    files = [sidecar, *files]
+                staged.append((folder, files, synced))
                 records.append(record)
-            self._publish(store, staged)
+            # An index kept beside the directory gets the sidecars ahead of the files they describe, the
+            # order publishing keeps within one directory: a crash after this leaves files cleanup can find.
+            described: list[str] = []
+            try:
+                for record in records if index_dir is not store else ():
+                    index_dir.write_bytes(sidecar_name(record.name), sidecar_bytes(record))
+                    described.append(sidecar_name(record.name))
+                self._publish(store, staged)
+            except BaseException:
+                for name in described:
+                    with contextlib.suppress(Exception):
+                        index_dir.remove(name)
+                raise
         return records
 
     def _describe(self, folder: str, files: list[str], flush: bool) -> tuple[list[FileEntry], list[str]]:

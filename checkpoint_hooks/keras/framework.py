@@ -49,6 +49,7 @@ class KerasFramework:
     default_format = "model"
     epoch_base = 1  # Keras numbers epochs from 1 in names and messages
     resumes_mid_epoch = False  # fit() cannot start an epoch at a given batch
+    index_beside = False
     handles_sigterm = False
     broadcasts = False  # the other workers read the writer's choice of checkpoint from the directory
 

@@ -76,6 +76,7 @@ class PaddleFramework:
     resumable_formats = frozenset({TRAINING_STATE})
     epoch_base = 0
     resumes_mid_epoch = False  # hapi's fit() cannot skip the batches of an epoch
+    index_beside = False
     handles_sigterm = False
     broadcasts = True
 

@@ -76,6 +76,7 @@ class _Torch:
     resumable_formats = frozenset({TRAINING_STATE})
     epoch_base = 0
     resumes_mid_epoch = False  # the loop over batches is the user's: it cannot be entered half-way
+    index_beside = False
     handles_sigterm = False
     broadcasts = True
 
