@@ -10,6 +10,7 @@ import re
 import lightning.pytorch as LP
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from checkpoint_hooks import CheckpointPolicy, PolicyError
 from checkpoint_hooks.core.errors import MonitorError
@@ -60,7 +61,7 @@ def test_both_namespaces_find_it_as_their_checkpoint_callback(tmp_path, L):
     t = fit(L, cb, 2, default_root_dir=tmp_path)
     assert t.checkpoint_callback is cb
     assert t.checkpoint_callbacks == [cb]  # Lightning added no ModelCheckpoint of its own
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.checkpoint_hooks", "ckpt"]  # the index lies beside dirpath
     assert kept_epochs(tmp_path / "ckpt") == [1] or kept_epochs(tmp_path / "ckpt") == [0]
     assert kept_epochs(tmp_path / "ckpt", "last") == [1]
 
@@ -69,7 +70,7 @@ def test_default_dirpath_is_stable_under_default_root_dir(tmp_path):
     cb = BestCheckpoint(monitor="val_loss")
     fit(LP, cb, 1, default_root_dir=tmp_path)
     assert cb.dirpath == str(tmp_path / "checkpoints")
-    assert cb.best_model_path.startswith(str(tmp_path / "checkpoints") + "/epoch=000-val_loss=")
+    assert cb.best_model_path == str(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")  # ModelCheckpoint's name
 
 
 def test_model_checkpoint_spellings_map_onto_the_policy(tmp_path):
@@ -78,12 +79,13 @@ def test_model_checkpoint_spellings_map_onto_the_policy(tmp_path):
         save_last=False, every_n_epochs=2, save_weights_only=True, verbose=True,
     )
     p = cb.policy
-    assert (p.top_k, p.last, p.snapshots.every_n_epochs, p.format, p.verbose) == (2, False, 2, "weights", True)
+    assert (p.top_k, p.last, p.snapshots.every_n_epochs, p.format, p.verbose) == (2, False, None, "weights", True)
     assert p.filename == "epoch={epoch}-val_loss={val_loss:.2f}"
     fit(LP, cb, 4)
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
     assert all(re.fullmatch(r"epoch=\d-val_loss=\d+\.\d\d\.weights\.pt", n) for n in names), names
-    assert kept_epochs(tmp_path, "snapshot") == [1, 3]
+    # every_n_epochs=2 as in ModelCheckpoint: ranked after the 2nd and 4th epochs only (top 2 keeps both)
+    assert kept_epochs(tmp_path) == [1, 3]
     assert kept_epochs(tmp_path, "last") == []
 
 
@@ -93,12 +95,15 @@ def test_lightning_filename():
 
 
 def test_unsupported_and_contradicting_arguments():
-    with pytest.raises(PolicyError, match="does not support save_on_train_epoch_end yet. Received: save_on_train_epoch_end=True"):
-        BestCheckpoint(monitor="val_loss", save_on_train_epoch_end=True)
     with pytest.raises(PolicyError, match="give save_top_k or top_k"):
         BestCheckpoint(monitor="val_loss", save_top_k=2, top_k=3)
     with pytest.raises(PolicyError, match="top_k=3 needs a monitor"):
+        BestCheckpoint(top_k=3)
+    # ModelCheckpoint's own arguments get ModelCheckpoint's own checks and errors
+    with pytest.raises(MisconfigurationException, match="save_top_k=3, monitor=None"):
         BestCheckpoint(save_top_k=3)
+    with pytest.raises(MisconfigurationException, match="Invalid value for save_top_k=-3"):
+        BestCheckpoint(monitor="val_loss", save_top_k=-3)
     with pytest.raises(PolicyError, match="unknown field 'topk'; did you mean 'top_k'"):
         BestCheckpoint(monitor="val_loss", topk=3)
 
@@ -208,7 +213,7 @@ def test_resume_never_starts_fresh(tmp_path):
 
 
 def test_step_trigger_saves_mid_epoch_and_resumes(tmp_path):
-    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, every_n_train_steps=3)
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, every_n_steps=3)
     t = fit(LP, cb, 2)  # 4 batches an epoch: steps 3 and 6 are mid-epoch, 4 and 8 end epochs
     history = manifest(tmp_path)
     assert t.global_step == 8
@@ -216,7 +221,7 @@ def test_step_trigger_saves_mid_epoch_and_resumes(tmp_path):
     assert [(r["epoch"], r["step"], r["mid_epoch"]) for r in lasts] == [(1, 8, False)]
     # the step saves happened (their records were superseded as last and pruned)
     assert any(h["step"] == 4 for h in history["history"])
-    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "mid", every_n_train_steps=3, last=False, top_k=0)
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "mid", every_n_steps=3, last=False, top_k=0)
     fit(LP, cb2, 2)
     (only,) = manifest(tmp_path / "mid")["records"]
     assert (only["name"], only["mid_epoch"], only["epoch"]) == ("last-epoch=001-step=6", True, 1)
@@ -229,7 +234,7 @@ def test_step_trigger_counts_from_the_step_of_a_user_ckpt_path(tmp_path, caplog)
     cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, top_k=-1)
     fit(LP, cb, 1)  # one epoch: step 4
     caplog.set_level(logging.INFO, "checkpoint_hooks")
-    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "steps", every_n_train_steps=3, top_k=0, verbose=True)
+    cb2 = BestCheckpoint(monitor="val_loss", dirpath=tmp_path / "steps", every_n_steps=3, top_k=0, verbose=True)
     t = trainer(LP, [cb2], 2)
     t.fit(make_module(LP), loader(), loader(), ckpt_path=cb.last_model_path)
     saved = re.findall(r"saved epoch \d+ .*?: \S*/(\S+)", caplog.text)
@@ -237,11 +242,39 @@ def test_step_trigger_counts_from_the_step_of_a_user_ckpt_path(tmp_path, caplog)
     assert saved[0] == "last-epoch=001-step=6.ckpt" and saved[1].startswith("epoch=001-val_loss=") and len(saved) == 2, saved
 
 
-def test_time_trigger_maps_train_time_interval(tmp_path):
+def test_model_checkpoint_step_trigger_ranks_like_an_epoch_end(tmp_path):
+    # ModelCheckpoint(every_n_train_steps=3): a top-k candidate named by filename at steps 3 and 6 (mid-epoch),
+    # none at epoch ends (every_n_epochs then defaults to 0); the policy's own every_n_steps is the rolling last
+    cb = BestCheckpoint(monitor="step", mode="max", dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    assert cb.policy.every_n_steps is None
+    fit(LP, cb, 2)  # 4 batches an epoch
+    records = manifest(tmp_path)["records"]
+    assert sorted((r["name"], r["mid_epoch"]) for r in records if "best" in r["tags"]) == [
+        ("epoch=0-step=3", True), ("epoch=1-step=6", True),
+    ]
+    assert cb.best_model_path == str(tmp_path / "epoch=1-step=6.ckpt")
+
+
+def test_time_trigger_is_model_checkpoints_train_time_interval(tmp_path):
     from datetime import timedelta
 
     cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, train_time_interval=timedelta(seconds=30), save_on_exception=False)
-    assert (cb.policy.every_n_minutes, cb.policy.save_on_preemption) == (0.5, False)
+    assert (cb.policy.every_n_minutes, cb.policy.save_on_preemption) == (None, False)
+    assert cb._train_time_interval == timedelta(seconds=30)  # ModelCheckpoint's own trigger, ranking top-k
+
+
+def test_validation_inside_the_epoch_ranks_and_resumes_there(tmp_path):
+    # val_check_interval=0.5: validation after batches 2 and 4 of each epoch; ModelCheckpoint ranks at each
+    cb = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, save_top_k=-1, filename="{epoch}-{step}")
+    t = trainer(LP, [cb], 2, val_check_interval=0.5)
+    t.fit(make_module(LP), loader(), loader())
+    best = sorted((r["step"], r["mid_epoch"]) for r in manifest(tmp_path)["records"] if "best" in r["tags"])
+    assert best == [(2, True), (4, False), (6, True), (8, False)]
+    # the newest mid-epoch one is where a run resumes from once later ones are gone
+    again = BestCheckpoint(monitor="val_loss", dirpath=tmp_path, resume=str(tmp_path / "epoch=1-step=6.ckpt"))
+    t2 = trainer(LP, [again], 2, val_check_interval=0.5)
+    t2.fit(make_module(LP), loader(), loader())
+    assert t2.global_step == 8  # Lightning continued mid-epoch: 2 more steps
 
 
 def test_background_saves_copy_into_the_tensors_of_the_save_before(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import time
 
 import torch
 
+from tests.index import read_index
 from tests.lightning.test_resume import ROOT, run_script
 
 
@@ -30,12 +30,12 @@ def test_sigterm_saves_a_preempted_training_state_and_the_rerun_resumes(tmp_path
     _, stderr = proc.communicate(timeout=120)
     assert not os.path.exists(out), "training should have stopped"
     assert "SIGTERMException stopped training; saving a training state to resume from" in stderr
-    records = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["records"]
+    records = read_index(tmp_path / "ckpt")["records"]
     (preempted,) = [r for r in records if "preempted" in r["tags"]]
     assert preempted["mid_epoch"] and preempted["name"].startswith("preempted-epoch=001-step=")
     assert "last" in preempted["tags"] and 6 <= preempted["step"] < 8
     resumed = run_script("--dir", str(tmp_path / "ckpt"), "--epochs", "4", "--out", out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(out)["global_step"] == 16  # the same step count as an uninterrupted run
-    records = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["records"]
+    records = read_index(tmp_path / "ckpt")["records"]
     assert not any("preempted" in r["tags"] for r in records)  # superseded by the newer last
