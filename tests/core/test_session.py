@@ -31,6 +31,7 @@ class JsonFramework:
     default_format = "training_state"
     resumable_formats = frozenset({"training_state"})
     epoch_base = 0
+    index_beside = False
     resumes_mid_epoch = False
     handles_sigterm = False
     broadcasts = True
