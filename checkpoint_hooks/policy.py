@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Mode = Literal["min", "max"]
-Format = Literal["weights", "model", "training_state"]
-FORMATS: tuple[str, ...] = ("weights", "model", "training_state")
+Format = Literal["weights", "model", "training_state", "sharded"]
+FORMATS: tuple[str, ...] = ("weights", "model", "training_state", "sharded")
 
 # Tokens of a metric name that say which way is better, for mode="auto".
 _MAX_TOKENS = frozenset(
@@ -217,7 +217,7 @@ class CheckpointPolicy(BaseModel, metaclass=_PolicyMeta):
     top_k: int = Field(default=1, description="Best checkpoints kept: -1 keeps all, 0 none, k the k best (the k newest without a monitor).")
     format: Format | None = Field(
         default=None,
-        description="weights, model or training_state; null takes the framework's native default (Lightning and Paddle: training_state, Keras: model).",
+        description="weights, model, training_state, or sharded (plain PyTorch loops: a torch.distributed.checkpoint folder every rank writes its shards into); null takes the framework's native default (Lightning and Paddle: training_state, Keras: model).",
     )
     filename: str | None = Field(
         default=None,

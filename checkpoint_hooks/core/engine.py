@@ -34,6 +34,7 @@ from checkpoint_hooks.core.executor import WORKER_NICENESS, Executor, _lower_pri
 from checkpoint_hooks.core.hashing import checksum_file, take_written
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import Head, Manifest
+from checkpoint_hooks.core.paths import UnsafePathError
 from checkpoint_hooks.core.planner import (
     LAST_TEMPLATE,
     PREEMPTED_TEMPLATE,
@@ -410,9 +411,14 @@ class Engine:
         """
         assert self.store is not None
         if self.store.is_local:
-            for entry in record.files[1:]:  # every file the framework may read: regular files inside
+            for entry in record.files[0 if record.folder else 1:]:  # every file the framework may read: regular
                 with self.store.local_path(entry.path):
                     pass
+            if record.folder is not None:  # a folder of files: itself a real folder, not a link to one
+                path = self.store.join(record.folder)
+                if os.path.islink(path) or not os.path.isdir(path):
+                    raise UnsafePathError(f"{path!r} is not a folder of this directory (a link, or gone)")
+                return path
             with self.store.local_path(record.primary_path) as path:
                 return path
         tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")

@@ -27,6 +27,7 @@ from checkpoint_hooks.policy import CheckpointPolicy, short_repr
 log = logging.getLogger("checkpoint_hooks")
 
 TRAINING_STATE = "training_state"
+SHARDED = "sharded"  # a training state as a folder every rank writes its shards into
 LAST_TEMPLATE = "last-epoch={epoch:03d}-step={step}"
 PREEMPTED_TEMPLATE = "preempted-epoch={epoch:03d}-step={step}"
 
@@ -186,7 +187,8 @@ class Planner:
         values = clean_metrics(metrics)
         roles = frozenset({LAST, PREEMPTED} if preempted else {LAST})
         template = PREEMPTED_TEMPLATE if preempted else LAST_TEMPLATE
-        item = self._namer(epoch, step, values)(template, TRAINING_STATE, roles)
+        fmt = SHARDED if self._host.format == SHARDED else TRAINING_STATE  # a sharded state is one whole
+        item = self._namer(epoch, step, values)(template, fmt, roles)
         return Plan(epoch, step, values, (replace(item, mid_epoch=mid_epoch),))
 
     def step_due(self, step: int) -> bool:

@@ -56,6 +56,7 @@ class Record:
     run: str = ""
     seq: int = 0
     mid_epoch: bool = False  # saved inside `epoch` (a step, time or preemption save), not at its end
+    folder: str | None = None  # a checkpoint that is a folder of files (a sharded state): what is loaded
 
     @property
     def bytes(self) -> int:
@@ -63,7 +64,9 @@ class Record:
 
     @property
     def primary_path(self) -> str:
-        """The path a framework loads: the first file written (the one named after the record)."""
+        """The path a framework loads: its folder, or the first file written (the one named after the record)."""
+        if self.folder is not None:
+            return self.folder
         return self.files[0].path if self.files else self.name
 
     def score(self, monitor: str | None) -> float | None:
@@ -90,6 +93,7 @@ class Record:
             "run": self.run,
             "seq": self.seq,
             "mid_epoch": self.mid_epoch,
+            **({"folder": self.folder} if self.folder is not None else {}),
         }
 
     @classmethod
@@ -112,7 +116,22 @@ class Record:
             run=str(data.get("run") or ""),
             seq=int(data.get("seq") or 0),
             mid_epoch=bool(data.get("mid_epoch", False)),
+            folder=_folder_of(data.get("folder"), files, name),
         )
+
+
+def _folder_of(folder: Any, files: tuple[FileEntry, ...], name: str) -> str | None:
+    """A record's folder, checked: a safe relative path that holds every file of the record."""
+    if folder is None:
+        return None
+    try:
+        checked = relative_path(folder, "checkpoint folder")
+    except UnsafePathError as exc:
+        raise UnsafePathError(f"checkpoint {name!r}: {exc}") from None
+    outside = [f.path for f in files if not f.path.startswith(checked + "/")]
+    if outside or not files:
+        raise ValueError(f"checkpoint {name!r}: its folder {checked!r} does not hold its files {outside or '(none)'}")
+    return checked
 
 
 def finite(value: Any, what: str) -> float:

@@ -29,9 +29,10 @@ from types import FrameType
 from typing import Any
 
 from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
-from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError
+from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError, SaveError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
 from checkpoint_hooks.core.paths import UnsafePathError, other_owner
+from checkpoint_hooks.core.planner import SHARDED
 from checkpoint_hooks.core.preemption import SigtermWatch
 from checkpoint_hooks.core.records import Record
 from checkpoint_hooks.core.resume_state import ResumeState, host_rng_state, set_host_rng_state
@@ -559,6 +560,8 @@ class FitSession:
             background = self.policy.async_save
         self._saving = plan
         try:
+            if any(item.format == SHARDED for item in plan.items) and fw.world_size() > 1:
+                return self._save_together(engine, plan)
             if background and plan and all(fw.can_snapshot(item) for item in plan.items):
                 engine.execute_async(plan, fw.snapshot, fw.write_snapshot, fw.buffers)
                 return Saved(plan, (), True)
@@ -566,6 +569,36 @@ class FitSession:
         finally:
             self._saving = None
         return Saved(plan, tuple(records), background)
+
+    def _save_together(self, engine: Engine, plan: Plan) -> Saved:
+        """A save every rank writes part of: on this thread, and failed on every rank when it failed on one.
+
+        The writer's commit is the last step that can fail; the ranks then agree on the outcome, so a
+        failure raises SaveError on every rank (or only warns everywhere, with on_save_error='warn').
+        """
+        error: Exception | None = None
+        records: list[Record] = []
+        try:
+            records = engine.execute(plan, self.framework.write)
+        except Exception as exc:
+            error = exc
+        # the writer's transaction returns no records after a failure it only warned about
+        if not self.framework.any_rank(error is not None or (engine.is_writer and not records)):
+            return Saved(plan, tuple(records), False)
+        if isinstance(error, SaveError):
+            failure = error
+        else:
+            names = ", ".join(item.filename for item in plan.items)
+            reason = (str(error) or type(error).__name__) if error is not None else "another rank failed to save it"
+            failure = SaveError(
+                f"could not save {names} to {engine.directory.url} at epoch {plan.epoch}: {reason}; "
+                "nothing of it was committed and earlier checkpoints are intact"
+            )
+        if self.policy.on_save_error != "warn":
+            raise failure from error
+        if error is not None or not engine.is_writer:  # the writer's transaction warned already
+            log.warning("%s; training goes on (on_save_error='warn')", failure)
+        return Saved(plan, (), False)
 
     # -- preemption and exceptions ------------------------------------------------------
 

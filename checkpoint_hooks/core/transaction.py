@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from checkpoint_hooks.core import durable, retention
@@ -184,6 +185,8 @@ class Transaction:
                 files.sort(key=lambda rel: (rel != item.filename, rel))
                 entries, synced = self._describe(folder, files, flush)
                 record = self._record(plan, index, item, entries)
+                if os.path.isdir(os.path.join(folder, item.filename)):  # the item is a folder of files
+                    record = replace(record, folder=item.filename)
                 sidecar = sidecar_name(item.name)
                 if index_dir is store:  # published with the files, ahead of them
                     durable.write_file(os.path.join(folder, sidecar), sidecar_bytes(record), sync=flush)
