@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -44,9 +45,11 @@ import torch
 from checkpoint_hooks.core.engine import TRAINING_STATE, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError
 from checkpoint_hooks.core.framework import ResumePoint
+from checkpoint_hooks.core.planner import SHARDED
 from checkpoint_hooks.core.resume_state import ResumeState, read
 from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
-from checkpoint_hooks.policy import CheckpointPolicy, load_policy
+from checkpoint_hooks.core.store import is_url
+from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
 from checkpoint_hooks.torch.io import (
     SnapshotBuffers,
     save_torch,
@@ -59,8 +62,21 @@ __all__ = ["Checkpointer"]
 
 log = logging.getLogger("checkpoint_hooks")
 
-EXTENSIONS = {TRAINING_STATE: ".pt", "weights": ".weights.pt", "model": ".model.pt"}
+EXTENSIONS = {TRAINING_STATE: ".pt", "weights": ".weights.pt", "model": ".model.pt", SHARDED: ".dcp"}
 STATE_KEY = "checkpoint_hooks"
+
+
+def _holds_dtensors(module: torch.nn.Module) -> bool:
+    """Whether `module` has sharded (DTensor) parameters: FSDP2 `fully_shard`, tensor parallel."""
+    loaded = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    return loaded is not None and any(isinstance(p, loaded.DTensor) for p in module.parameters())
+
+
+def _sharded() -> Any:
+    """The `sharded` module, imported on first use (torch.distributed.checkpoint takes half a second)."""
+    from checkpoint_hooks.torch import sharded
+
+    return sharded
 
 
 def _distributed() -> bool:
@@ -73,7 +89,7 @@ class _Torch:
     name = "PyTorch"
     extensions = EXTENSIONS
     default_format = TRAINING_STATE
-    resumable_formats = frozenset({TRAINING_STATE})
+    resumable_formats = frozenset({TRAINING_STATE, SHARDED})
     epoch_base = 0
     resumes_mid_epoch = False  # the loop over batches is the user's: it cannot be entered half-way
     index_beside = False
@@ -110,6 +126,11 @@ class _Torch:
 
     def _state(self, item: SaveItem) -> Any:
         owner = self.owner
+        if _holds_dtensors(owner.network):
+            raise CheckpointError(
+                f"{type(owner.network).__name__} holds sharded (DTensor) parameters, which format={item.format!r} "
+                "cannot save from one rank; use format='sharded'"
+            )
         if item.format == "weights":
             return owner.network.state_dict()
         if item.format == "model":
@@ -117,10 +138,16 @@ class _Torch:
         state: dict[str, Any] = {"model": owner.network.state_dict()}
         if owner.optimizer is not None:
             state["optimizer"] = owner.optimizer.state_dict()
-        if owner.scheduler is not None:
-            state["scheduler"] = owner.scheduler.state_dict()
-        state[STATE_KEY] = owner.session.payload(item, rng=self._gathered_rng()).to_dict()
+        state.update(self._extra(item))
         return state
+
+    def _extra(self, item: SaveItem) -> dict[str, Any]:
+        """What a training state holds besides model and optimizer: the scheduler and the resume payload."""
+        extra: dict[str, Any] = {}
+        if self.owner.scheduler is not None:
+            extra["scheduler"] = self.owner.scheduler.state_dict()
+        extra[STATE_KEY] = self.owner.session.payload(item, rng=self._gathered_rng()).to_dict()
+        return extra
 
     def _gathered_rng(self) -> list[dict[str, Any]]:
         mine = self.owner.session.rng_state()
@@ -131,6 +158,9 @@ class _Torch:
         return states
 
     def write(self, item: SaveItem, path: str) -> None:
+        if item.format == SHARDED:
+            self._write_sharded(item, path)
+            return
         state = self._state(item)  # every rank: gathering the random states is a collective
         if not self.is_writer():
             return
@@ -142,8 +172,17 @@ class _Torch:
             )
         save_torch(state, path, self.owner.policy.verify)
 
+    def _write_sharded(self, item: SaveItem, path: str) -> None:
+        """Every rank writes its shards into the writer's staging folder (`path` on the writer)."""
+        owner = self.owner
+        folder = self.broadcast(path)
+        sharded = _sharded()
+        state = sharded.training_state(owner.network, owner.optimizer)
+        extra = self._extra(item)  # every rank: the random states are gathered
+        sharded.save(state, extra, folder, sync=owner.policy.fsync, checksums=owner.policy.verify)
+
     def can_snapshot(self, item: SaveItem) -> bool:
-        return item.format != "model"
+        return item.format not in ("model", SHARDED)  # a sharded save is a collective of every rank
 
     def snapshot(self, item: SaveItem) -> Any:
         state = self._state(item)
@@ -154,6 +193,15 @@ class _Torch:
 
     def load(self, path: str) -> ResumeState | None:
         owner = self.owner
+        if os.path.isdir(path):  # a sharded checkpoint: every rank loads its part
+            checkpoint: Any = _sharded().load(path, owner.network, owner.optimizer)
+            self._load_extra(checkpoint)
+            return read(checkpoint.get(STATE_KEY))
+        if _holds_dtensors(owner.network):
+            raise CheckpointError(
+                f"{path} is a single-file training state, and {type(owner.network).__name__} holds sharded (DTensor) "
+                "parameters; resume from a format='sharded' checkpoint, or start fresh with resume='never'"
+            )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
             raise CheckpointError(
@@ -169,9 +217,12 @@ class _Torch:
         owner.network.load_state_dict(checkpoint["model"])
         if owner.optimizer is not None and "optimizer" in checkpoint:
             owner.optimizer.load_state_dict(checkpoint["optimizer"])
-        if owner.scheduler is not None and "scheduler" in checkpoint:
-            owner.scheduler.load_state_dict(checkpoint["scheduler"])
+        self._load_extra(checkpoint)
         return read(checkpoint.get(STATE_KEY))
+
+    def _load_extra(self, checkpoint: Mapping[str, Any]) -> None:
+        if self.owner.scheduler is not None and "scheduler" in checkpoint:
+            self.owner.scheduler.load_state_dict(checkpoint["scheduler"])
 
     def set_start(self, point: ResumePoint) -> None:
         self.start = point.start_epoch
@@ -208,6 +259,11 @@ class Checkpointer(KeptCheckpoints):
         **policy_fields: Any,
     ) -> None:
         self.policy = load_policy(policy, **policy_fields)
+        if self.policy.format == SHARDED and is_url(self.policy.dirpath):
+            raise PolicyError(
+                f"format='sharded' writes to a filesystem every rank shares; dirpath={self.policy.dirpath!r} is a URL. "
+                "Use a shared local or network-mounted path"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
