@@ -83,13 +83,13 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     epochs, kill_after = (4, 1) if args.quick else (8, 3)
+    # an epoch of these tiny models takes milliseconds: each is slowed down so the kill lands mid-run
+    slowed = ["--epochs", str(epochs), "--epoch-seconds", "0.5"]
     runs = {
-        "lightning": [sys.executable, os.path.join(HERE, "lightning_quickstart.py"), "--epochs", str(epochs)],
-        "keras": [sys.executable, os.path.join(HERE, "keras_quickstart.py"), "--epochs", str(epochs)],
-        "paddle": [sys.executable, os.path.join(HERE, "paddle_quickstart.py"), "--epochs", str(epochs)],
-        # an epoch of this tiny loop takes milliseconds: slowed down so the kill lands mid-run
-        "torch": [sys.executable, os.path.join(HERE, "torch_quickstart.py"), "--epochs", str(epochs),
-                  "--epoch-seconds", "0.5"],
+        "lightning": [sys.executable, os.path.join(HERE, "lightning_quickstart.py"), *slowed],
+        "keras": [sys.executable, os.path.join(HERE, "keras_quickstart.py"), *slowed],
+        "paddle": [sys.executable, os.path.join(HERE, "paddle_quickstart.py"), *slowed],
+        "torch": [sys.executable, os.path.join(HERE, "torch_quickstart.py"), *slowed],
         "toy": [sys.executable, os.path.join(HERE, "toy_training.py"), "--epochs", str(epochs)],
     }
     started = time.monotonic()

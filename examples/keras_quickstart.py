@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--dir", default="checkpoints/keras", help="checkpoint directory")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--crash-after-epoch", type=int, default=None, help="SIGKILL after this epoch (1-based)")
+    parser.add_argument("--epoch-seconds", type=float, default=0.0, help="slow each epoch down (the demo kills the run from outside mid-run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # verbose=1 logs on "checkpoint_hooks"
 
@@ -64,6 +66,8 @@ def main() -> None:
     callbacks: list[keras.callbacks.Callback] = [checkpoint]
     if args.crash_after_epoch:
         callbacks.append(CrashAfter(args.crash_after_epoch))
+    if args.epoch_seconds:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(args.epoch_seconds)))
     # shuffle=False makes a resumed run repeat the uninterrupted one exactly.
     model.fit(
         x[:384],

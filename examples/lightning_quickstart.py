@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import LambdaCallback
 from torch.utils.data import DataLoader, TensorDataset
 
 from checkpoint_hooks.lightning import BestCheckpoint
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--dir", default="checkpoints/lightning")
+    parser.add_argument("--epoch-seconds", type=float, default=0.0, help="slow each epoch down (the demo kills the run from outside mid-run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -55,7 +58,10 @@ def main() -> None:
     checkpoint = BestCheckpoint(
         monitor="val_loss", dirpath=args.dir, top_k=2, snapshots={"every_n_epochs": 2}, verbose=True
     )
-    trainer = L.Trainer(max_epochs=args.epochs, callbacks=[checkpoint], logger=False,
+    callbacks: list[L.Callback] = [checkpoint]
+    if args.epoch_seconds:
+        callbacks.append(LambdaCallback(on_train_epoch_end=lambda trainer, module: time.sleep(args.epoch_seconds)))
+    trainer = L.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     train, val = loaders()
     trainer.fit(Regressor(), train, val)

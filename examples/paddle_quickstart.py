@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 import numpy as np
 import paddle
@@ -34,10 +35,22 @@ def datasets() -> tuple[Points, Points]:
     return Points(x[:400], y[:400]), Points(x[400:], y[400:])
 
 
+class Pause(paddle.callbacks.Callback):
+    """Sleeps at each epoch end."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        time.sleep(self.seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--dir", default="checkpoints/paddle")
+    parser.add_argument("--epoch-seconds", type=float, default=0.0, help="slow each epoch down (the demo kills the run from outside mid-run)")
     args = parser.parse_args()
     # Saves, prunes and the resume point are logged at INFO on the "checkpoint_hooks" logger.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -52,6 +65,8 @@ def main() -> None:
         BestCheckpoint(monitor="val_loss", dirpath=args.dir, top_k=2, snapshots=2, verbose=True),
         paddle.callbacks.LRScheduler(by_step=False, by_epoch=True),
     ]
+    if args.epoch_seconds:
+        callbacks.append(Pause(args.epoch_seconds))
     train, val = datasets()
     model.fit(train, val, batch_size=32, epochs=args.epochs, shuffle=True, verbose=0, callbacks=callbacks)
     checkpoint = callbacks[0]
