@@ -19,7 +19,9 @@ state and restored before the first epoch, so a resumed run draws the same dropo
 and shuffling orders as an uninterrupted one.
 
 Under DDP (`torch.distributed` initialized) rank zero writes; the others load the same
-checkpoint. A SIGTERM is acted on at the next `step()` or epoch boundary: a training state
+checkpoint. With `format="sharded"` (FSDP2, DTensor) every rank writes its shards through
+`torch.distributed.checkpoint` into one folder and loads its part back, on any world size
+(`checkpoint_hooks.torch.sharded`). A SIGTERM is acted on at the next `step()` or epoch boundary: a training state
 tagged `preempted` is saved and the signal then ends the process. Inside `with ckpt:` an
 exception escaping the loop saves one too (a plain `for` loop cannot tell an exception
 from a `break`). A mid-epoch checkpoint (`every_n_steps`) restarts its epoch from the first
