@@ -25,7 +25,7 @@ YAML_CASES = [
     ("monitor: val_loss\ntop_k: 2.5\n", [":2: top_k", "whole number", "Received: top_k=2.5"]),
     ("min_delta: -0.1\n", [":1: min_delta", "use a value >= 0", "Received: min_delta=-0.1"]),
     ("mode: maximize\n", [":1: mode", "use one of 'min', 'max' or 'auto'", "Received: mode='maximize'"]),
-    ("format: onnx\n", [":1: format", "'weights', 'model' or 'training_state'", "Received: format='onnx'"]),
+    ("format: onnx\n", [":1: format", "'weights', 'model', 'training_state' or 'sharded'", "Received: format='onnx'"]),
     ("save_best_only: maybe\nmonitor: val_loss\n", [":1: save_best_only", "use true or false", "Received: save_best_only='maybe'"]),
     ("snapshots: 5\n", [":1: snapshots", "use a mapping", "Received: snapshots=5"]),
     ("snapshots:\n  every_n_epochs: 0\n", [":2: snapshots.every_n_epochs", "use a value >= 1", "Received: snapshots.every_n_epochs=0"]),
