@@ -24,18 +24,41 @@ def lightning_score(value: float, mode: str) -> torch.Tensor:
 
 
 def link_file(target: str, alias: str, *, symbolic: bool) -> None:
-    """Make `alias` name the file `target` (replacing what it named): a hard link, else a copy."""
+    """Make `alias` name the file or folder `target` (replacing what it named): a hard link, else a copy.
+
+    A folder (a sharded checkpoint) gets a folder of hard links to its files.
+    """
     temporary = alias + ".linking"
-    if os.path.lexists(temporary):
-        os.remove(temporary)
+    remove_path(temporary)
     if symbolic:
         same_folder = os.path.dirname(os.path.abspath(target)) == os.path.dirname(os.path.abspath(alias))
         os.symlink(os.path.basename(target) if same_folder else target, temporary)
+    elif os.path.isdir(target):
+        shutil.copytree(target, temporary, copy_function=_link_or_copy)
     else:
-        try:
-            os.link(target, temporary)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(target, temporary)
-    os.replace(temporary, alias)
+        _link_or_copy(target, temporary)
+    if os.path.isdir(alias) and not os.path.islink(alias):  # a rename cannot replace a folder
+        replaced = alias + ".replaced"
+        remove_path(replaced)
+        os.rename(alias, replaced)
+        os.replace(temporary, alias)
+        remove_path(replaced)
+    else:
+        os.replace(temporary, alias)
     if os.path.lexists(temporary):  # rename does nothing when both already name the same file
         os.remove(temporary)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, destination)
+
+
+def remove_path(path: str) -> None:
+    """Remove the file, link or folder at `path`, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)

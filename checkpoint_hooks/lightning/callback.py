@@ -19,7 +19,7 @@ from checkpoint_hooks.core.resume_state import ResumeState, read
 from checkpoint_hooks.core.retention import rank_value
 from checkpoint_hooks.core.session import FitSession
 from checkpoint_hooks.core.store import is_url
-from checkpoint_hooks.lightning._compat import lightning_score, link_file, logged_metrics
+from checkpoint_hooks.lightning._compat import lightning_score, link_file, logged_metrics, remove_path
 from checkpoint_hooks.lightning._errors import MISCONFIGURATION, argument_error
 from checkpoint_hooks.lightning._framework import LightningFramework, saves_with_torch_save
 from checkpoint_hooks.lightning._signature import (
@@ -413,8 +413,8 @@ class BestCheckpoint(*_BASES):  # type: ignore[misc]
         if trainer.is_global_zero and os.path.abspath(alias) != os.path.abspath(target):
             link_file(target, alias, symbolic=self.save_last == "link")
             previous, self._last_alias = self._last_alias, alias
-            if previous and previous != alias and os.path.lexists(previous):
-                os.remove(previous)  # a name with placeholders ('last-{epoch}'): one alias, as ModelCheckpoint keeps
+            if previous and previous != alias:
+                remove_path(previous)  # a name with placeholders ('last-{epoch}'): one alias, as ModelCheckpoint keeps
         return alias
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
