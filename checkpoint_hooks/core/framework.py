@@ -65,6 +65,10 @@ class Framework(Protocol):
         buffers: host arrays background snapshots copy into, kept from save to save (None: no async copies).
         index_beside: a new local directory keeps its index beside it (`core.layout`), leaving the
             directory to the checkpoint files, as the framework's own callback does.
+
+    A framework whose ranks write parts of one checkpoint (a folder) may also define `rank()`, this
+    process's rank among `world_size()`: each rank then verifies a share of such a checkpoint's files
+    on resume, instead of the writer all of them.
     """
 
     # read-only: an adapter may give plain class attributes of narrower types

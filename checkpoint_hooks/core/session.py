@@ -24,10 +24,11 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
+from checkpoint_hooks.core.directory import Problem
 from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
 from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError, SaveError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
@@ -201,7 +202,8 @@ class FitSession:
         readers share the page cache. If the checksum fails (whether the load raised or not) the
         previous checkpoint is loaded instead, which replaces everything the bad one restored. A
         load error of a checkpoint that verifies is raised. Under several processes the writer
-        verifies and tells the others to go on or to load the next one.
+        verifies and tells the others to go on or to load the next one; a checkpoint every rank wrote
+        part of (a folder) is verified by every rank, each a share of its files, and the ranks agree.
         """
         fw = self.framework
         if not engine.is_writer and not fw.broadcasts:
@@ -223,7 +225,7 @@ class FitSession:
                 elif record is not None:
                     try:
                         path = engine.local_path(record)  # a download from a remote store
-                        check = verifier.submit(engine.problems, record)
+                        check = verifier.submit(engine.problems, self._share(record))
                     except (OSError, UnsafePathError):  # a FIFO, a link, a lost download: verify says which
                         problems = engine.problems(record)
                         if not problems:
@@ -236,6 +238,10 @@ class FitSession:
                 path, record = shared[0], Record.from_json(shared[1]) if shared[1] is not None else None
                 if not path:
                     return None
+                split = record is not None and self._verified_by_every_rank(record)
+                if split and not engine.is_writer:
+                    assert record is not None
+                    check = verifier.submit(engine.problems, self._share(record))
                 error: Exception | None = None
                 point = None
                 try:
@@ -243,14 +249,30 @@ class FitSession:
                 except Exception as exc:
                     error = exc
                 problems = check.result() if check is not None else []
-                if fw.broadcast(not problems):
+                verified = (not fw.any_rank(bool(problems))) if split else fw.broadcast(not problems)
+                if verified:
                     if error is not None:
                         raise error
                     if engine.is_writer and record is not None:
                         engine.adopt(record)
                     return point
-                if record is not None and engine.is_writer:
+                if record is not None and problems:
                     engine.warn_skipped(record, problems)
+                elif record is not None and split and engine.is_writer:
+                    found = Problem(record.name, record.primary_path, "a file another rank verified does not verify")
+                    engine.warn_skipped(record, [found])
+
+    def _verified_by_every_rank(self, record: Record) -> bool:
+        """Whether each rank verifies a share of `record`: a folder every rank wrote part of, on a framework
+        that knows its ranks (an optional `rank()`); otherwise the writer verifies every file."""
+        return record.folder is not None and self.framework.world_size() > 1 and hasattr(self.framework, "rank")
+
+    def _share(self, record: Record) -> Record:
+        """The files of `record` this process verifies: every world_size-th from its rank, or all of them."""
+        if not self._verified_by_every_rank(record):
+            return record
+        rank, world = self.framework.rank(), self.framework.world_size()  # type: ignore[attr-defined]
+        return replace(record, files=record.files[rank::world])
 
     def _foreign(self, engine: Engine, record: Record) -> str | None:
         """Why `record` cannot be this framework's to resume from (another framework wrote it), or None."""

@@ -81,6 +81,9 @@ class LightningFramework:
     def world_size(self) -> int:
         return int(self.trainer.world_size)
 
+    def rank(self) -> int:
+        return int(self.trainer.global_rank)
+
     def broadcast(self, value: Any) -> Any:
         return self.trainer.strategy.broadcast(value)
 

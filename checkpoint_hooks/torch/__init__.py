@@ -112,6 +112,9 @@ class _Torch:
     def world_size(self) -> int:
         return torch.distributed.get_world_size() if _distributed() else 1
 
+    def rank(self) -> int:
+        return torch.distributed.get_rank() if _distributed() else 0
+
     def broadcast(self, value: Any) -> Any:
         if not _distributed() or torch.distributed.get_world_size() == 1:
             return value

@@ -131,24 +131,29 @@ def test_ranks_killed_mid_save_resume_bit_identical_with_the_kept_set_of_one_pro
         assert all(f.checksum and f.checksum.startswith("xxh3_128:") for f in record.files)
 
 
-def test_a_corrupt_shard_is_named_by_verify_and_every_rank_falls_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("corrupt", "finder"), [("__0_0.distcp", 1), ("__1_0.distcp", 0)])
+def test_a_corrupt_shard_is_named_by_verify_and_every_rank_falls_back(tmp_path: Path, corrupt: str, finder: int) -> None:
+    """Each rank verifies a share of the files: here `finder` is the rank that reads the corrupt one."""
     d = tmp_path / "d"
     first = run(tmp_path, d, 2, 3, "a")
     manifest = CheckpointDirectory(str(d)).read_manifest()
     assert manifest is not None
     newest = max(manifest.records, key=lambda r: r.seq)
-    shard = next(f.path for f in newest.files if f.path.endswith("__1_0.distcp"))
+    shard = next(f.path for f in newest.files if f.path.endswith(corrupt))
     with open(d / shard, "r+b") as f:
         f.seek(os.path.getsize(d / shard) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     checked = verify(d)
-    assert checked.returncode != 0 and "__1_0.distcp" in checked.stdout + checked.stderr
+    assert checked.returncode != 0 and corrupt in checked.stdout + checked.stderr
     again = run(tmp_path, d, 2, 5, "b")
     previous = str(newest.epoch - 1)
     assert [r["trained"] for r in again] == [list(range(newest.epoch, 5))] * 2
     assert again[0]["start"] == first[0]["epochs"][previous]
+    warned = [(tmp_path / f"b-{rank}.err").read_text() for rank in (0, 1)]
+    assert f"{corrupt}: checksum mismatch" in warned[finder] and corrupt not in warned[1 - finder]
+    assert "skipping checkpoint" in warned[0]  # the writer says so either way
 
 
 @pytest.mark.parametrize("world", [1, 4])
