@@ -97,7 +97,7 @@ def save(state: dict[str, Any], payload: Mapping[str, Any], folder: str, *, sync
     error: str | None = None
     mine: list[tuple[str, str, int]] = []
     try:
-        os.makedirs(folder, exist_ok=True)
+        # nothing that can fail on one rank alone before DCP's collectives (it creates the folder itself)
         with durable.saving_to_disk(folder) if sync else contextlib.nullcontext():
             with _one_process_quietly():
                 dcp_save(state, storage_writer=_Writer(folder), no_dist=not _distributed())
