@@ -22,6 +22,7 @@ per rank is the bytes of a rank's shards over that time. Target: checkpointer / 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -136,9 +137,9 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2, help="ranks (processes) to start (default 2)")
     p.add_argument("--mib", type=int, default=None, help="MiB of parameters in all (default 512; --quick 64)")
-    p.add_argument("--rank", type=int, default=None, help=argparse_hidden())
-    p.add_argument("--rendezvous", default=None, help=argparse_hidden())
-    p.add_argument("--root", default=None, help=argparse_hidden())
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rendezvous", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank is not None:
         rank_main(args)
@@ -156,12 +157,6 @@ def main() -> None:
         codes = [proc.wait() for proc in ranks]
     if any(codes):
         raise SystemExit(f"a rank failed: exit codes {codes}")
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class FakeStore:
         yield io.BytesIO(self.files[relpath])
 
     @contextlib.contextmanager
-    def local_path(self, relpath: str) -> Iterator[str]:
+    def local_path(self, relpath: str, folder: bool = False) -> Iterator[str]:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, relpath)
             with open(path, "wb") as f:

@@ -34,7 +34,6 @@ from checkpoint_hooks.core.executor import WORKER_NICENESS, Executor, _lower_pri
 from checkpoint_hooks.core.hashing import checksum_file, take_written
 from checkpoint_hooks.core.lock import DirectoryLock
 from checkpoint_hooks.core.manifest import Head, Manifest
-from checkpoint_hooks.core.paths import UnsafePathError
 from checkpoint_hooks.core.planner import (
     LAST_TEMPLATE,
     PREEMPTED_TEMPLATE,
@@ -414,12 +413,7 @@ class Engine:
             for entry in record.files[0 if record.folder else 1:]:  # every file the framework may read: regular
                 with self.store.local_path(entry.path):
                     pass
-            if record.folder is not None:  # a folder of files: itself a real folder, not a link to one
-                path = self.store.join(record.folder)
-                if os.path.islink(path) or not os.path.isdir(path):
-                    raise UnsafePathError(f"{path!r} is not a folder of this directory (a link, or gone)")
-                return path
-            with self.store.local_path(record.primary_path) as path:
+            with self.store.local_path(record.primary_path, folder=record.folder is not None) as path:
                 return path
         tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")
         self._materialized.append(tmp)
@@ -486,6 +480,10 @@ class Engine:
 
     def save(self, epoch: int, step: int, metrics: Mapping[str, Any], write: Writer) -> list[Record]:
         return self.execute(self.plan(epoch, step, metrics), write)
+
+    def fail(self, plan: Plan, exc: Exception) -> None:
+        """A failed save of `plan`: raise it as the SaveError a user reads, or only warn (on_save_error='warn')."""
+        self._transaction.fail(plan, exc)
 
     def execute(self, plan: Plan, write: Writer, background: bool = False) -> list[Record]:
         """Write the plan's items, commit them in one manifest write, then prune.

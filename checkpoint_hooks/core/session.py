@@ -30,7 +30,7 @@ from typing import Any
 
 from checkpoint_hooks.core.directory import Problem
 from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
-from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError, SaveError
+from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
 from checkpoint_hooks.core.paths import UnsafePathError, other_owner
 from checkpoint_hooks.core.planner import SHARDED
@@ -607,19 +607,8 @@ class FitSession:
         # the writer's transaction returns no records after a failure it only warned about
         if not self.framework.any_rank(error is not None or (engine.is_writer and not records)):
             return Saved(plan, tuple(records), False)
-        if isinstance(error, SaveError):
-            failure = error
-        else:
-            names = ", ".join(item.filename for item in plan.items)
-            reason = (str(error) or type(error).__name__) if error is not None else "another rank failed to save it"
-            failure = SaveError(
-                f"could not save {names} to {engine.directory.url} at epoch {plan.epoch}: {reason}; "
-                "nothing of it was committed and earlier checkpoints are intact"
-            )
-        if self.policy.on_save_error != "warn":
-            raise failure from error
         if error is not None or not engine.is_writer:  # the writer's transaction warned already
-            log.warning("%s; training goes on (on_save_error='warn')", failure)
+            engine.fail(plan, error if error is not None else OSError("another rank failed to save it"))
         return Saved(plan, (), False)
 
     # -- preemption and exceptions ------------------------------------------------------

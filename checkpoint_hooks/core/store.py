@@ -57,8 +57,8 @@ class Store(Protocol):
 
     def open_read(self, relpath: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
 
-    def local_path(self, relpath: str) -> contextlib.AbstractContextManager[str]:
-        """A local path a framework can load from (a download for remote stores)."""
+    def local_path(self, relpath: str, folder: bool = False) -> contextlib.AbstractContextManager[str]:
+        """A local path a framework can load from (a download for remote stores); `folder`: a folder of files."""
 
     def join(self, relpath: str) -> str:
         """The full path or URL of a relative path, as shown to users."""
@@ -252,10 +252,14 @@ class LocalStore:
             yield f
 
     @contextlib.contextmanager
-    def local_path(self, relpath: str) -> Iterator[str]:
+    def local_path(self, relpath: str, folder: bool = False) -> Iterator[str]:
         path = self._abs(relpath)
-        # what a framework loads: a regular file here, not a link, a FIFO (a load would wait forever) or a device
-        os.close(open_regular(path))
+        if folder:  # a folder of files (a sharded state): a real folder here, not a link to one
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise UnsafePathError(f"{path!r} is not a folder (a link, a file, or nothing)")
+        else:
+            # what a framework loads: a regular file here, not a link, a FIFO (a load would wait forever) or a device
+            os.close(open_regular(path))
         yield path
 
     def cleanup_staging(self) -> list[str]:
@@ -349,7 +353,7 @@ class FsspecStore:
             yield f
 
     @contextlib.contextmanager
-    def local_path(self, relpath: str) -> Iterator[str]:
+    def local_path(self, relpath: str, folder: bool = False) -> Iterator[str]:  # `get` copies a folder too
         tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-")
         try:
             target = os.path.join(tmp, *relpath.split("/"))

@@ -127,12 +127,8 @@ def _own_checksums(folder: str, rank: int) -> list[tuple[str, str, int]]:
         match = _SHARD.match(name)
         if match is None or int(match.group(1)) != rank:
             continue
-        written = hashing.take_written(os.path.join(folder, name))
-        if written is not None:
-            found.append((name, written.checksum, written.size))
-        else:
-            checksum, size = hashing.checksum_file(os.path.join(folder, name))
-            found.append((name, checksum, size))
+        checksum, size = hashing.checksum_file(os.path.join(folder, name))  # as written, else read back
+        found.append((name, checksum, size))
     return found
 
 

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def fit(dirpath: Path, epochs: int, out: Path, *extra: str) -> list[dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "tests.lightning.fsdp_script", "--dir", str(dirpath), "--epochs",
+    proc = subprocess.run([sys.executable, "-m", "tests.lightning.model_parallel_script", "--dir", str(dirpath), "--epochs",
                            str(epochs), "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """A Lightning fit with ModelParallelStrategy (FSDP2 over 2 CPU processes, gloo) and BestCheckpoint.
 
-    python -m tests.lightning.fsdp_script --dir D --epochs N --out PREFIX
+    python -m tests.lightning.model_parallel_script --dir D --epochs N --out PREFIX
 
 Every rank writes PREFIX{rank}.json: the epochs it trained, the global step, best_model_path, and a
 digest of its own shard of the parameters when the fit starts training and when it ends.
