@@ -403,12 +403,16 @@ class Engine:
                 return record
         return None
 
-    def local_path(self, record: Record) -> str:
+    def local_path(self, record: Record, url_for_folders: bool = False) -> str:
         """A local path of the record's primary file for a framework to load (downloaded for remote stores).
 
         A download lives until the first epoch end (the framework has loaded it by then) or `close`.
+        With `url_for_folders`, a folder on a remote store is not downloaded: its URL is returned,
+        where every rank reads its own part.
         """
         assert self.store is not None
+        if url_for_folders and record.folder is not None and not self.store.is_local:
+            return self.store.join(record.primary_path)
         if self.store.is_local:
             for entry in record.files[0 if record.folder else 1:]:  # every file the framework may read: regular
                 with self.store.local_path(entry.path):
@@ -494,6 +498,16 @@ class Engine:
         this returns, so training cannot change it mid-write.
         """
         return self._executor.submit(plan, write, background=background)
+
+    def execute_here(self, plan: Plan, write: Writer) -> list[Record]:
+        """`execute` on this thread without waiting for the save in flight: for a job that is that save."""
+        return self._executor.save_here(plan, write)
+
+    def execute_in_background(self, job: Callable[[], Any]) -> None:
+        """Run `job` in the save worker of this process, writer or not: a save every process takes part in,
+        which calls `execute_here`. It is the save in flight (one at a time): the next plan, save,
+        `wait` or `close` waits for it and raises its error."""
+        self._executor.submit_job(job)
 
     def execute_async(
         self,

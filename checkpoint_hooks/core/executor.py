@@ -121,15 +121,28 @@ class Executor:
             self._snapshot_then_write(plan, snapshot, write_snapshot)
             return []
         assert write is not None
-        if not host.is_writer:
+        if not background or not host.is_writer:
+            return self.save_here(plan, write)
+        self._write_then_finish(plan, write)
+        return []
+
+    def save_here(self, plan: Plan, write: Writer) -> list[Record]:
+        """Save `plan` on this thread now, whatever is in flight: the writer's transaction; on every other
+        process `write` into scratch files (a collective save needs every process to write)."""
+        if not self._host.is_writer:
             with tempfile.TemporaryDirectory(prefix="checkpoint_hooks-rank-") as scratch:
                 for item in plan.items:
                     write(item, os.path.join(scratch, item.filename))
             return []
-        if not background:
-            return self._save(plan, write)
-        self._write_then_finish(plan, write)
-        return []
+        return self._save(plan, write)
+
+    def submit_job(self, job: Callable[[], Any]) -> None:
+        """Run `job` in the worker on this process, writer or not (a save every process takes part in).
+
+        It is the save in flight: `wait`, the next submit and `close` wait for it and raise its error.
+        """
+        self.wait()
+        self.inflight = self._start_worker().submit(job)
 
     def _snapshot_then_write(self, plan: Plan, snapshot: Snapshot, write: SnapshotWriter) -> None:
         payloads: dict[str, Any] = {}
@@ -171,11 +184,14 @@ class Executor:
                 if cleanup is not None:
                     cleanup()
 
+        self.inflight = self._start_worker().submit(run)
+
+    def _start_worker(self) -> ThreadPoolExecutor:
         if self.worker is None:
             self.worker = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="checkpoint_hooks-save", initializer=_lower_priority
             )
-        self.inflight = self.worker.submit(run)
+        return self.worker
 
     def wait(self) -> None:
         """Wait for the save in flight, if any, and raise its error."""

@@ -68,7 +68,11 @@ class Framework(Protocol):
 
     A framework whose ranks write parts of one checkpoint (a folder) may also define `rank()`, this
     process's rank among `world_size()`: each rank then verifies a share of such a checkpoint's files
-    on resume, instead of the writer all of them.
+    on resume, instead of the writer all of them. With `reads_folder_urls = True` such a checkpoint on
+    a remote store is not downloaded: `load` gets its URL, where every rank reads its own part.
+    With `background_collectives()`, a context manager in which this thread's collectives run apart
+    from training's, such a checkpoint can be saved in the background (`async_save`): every rank
+    copies its part with `snapshot`, and a worker on every rank writes it and agrees on the outcome.
     """
 
     # read-only: an adapter may give plain class attributes of narrower types

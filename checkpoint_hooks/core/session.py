@@ -19,6 +19,7 @@ of a fit raises. The adapter's `Framework` does the framework's part (write, loa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from checkpoint_hooks.core.directory import Problem
-from checkpoint_hooks.core.engine import Engine, Plan, SaveItem
+from checkpoint_hooks.core.engine import Engine, Plan, SaveItem, Writer
 from checkpoint_hooks.core.errors import CheckpointError, CorruptCheckpointError, MonitorError
 from checkpoint_hooks.core.framework import Framework, ResumePoint
 from checkpoint_hooks.core.paths import UnsafePathError, other_owner
@@ -98,6 +99,7 @@ class FitSession:
         self._metrics: Metrics | Callable[[], Metrics] = {}
         self._due_at_epoch_end = False
         self._saving: Plan | None = None
+        self._shared_in_flight = False  # a background save every rank takes part in (_save_together_later)
         self._warned: set[str] = set()
 
     # -- fit start --------------------------------------------------------------------
@@ -213,7 +215,7 @@ class FitSession:
                 return None
             engine.manifest = manifest
             record = engine.find_resume()
-            return self._load(engine, record, engine.local_path(record)) if record is not None else None
+            return self._load(engine, record, engine.local_path(record, self._folder_urls)) if record is not None else None
         candidates: Iterator[Record] = iter(engine.resume_candidates() if engine.is_writer else [])
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-verify") as verifier:
             while True:
@@ -224,7 +226,7 @@ class FitSession:
                     record = None
                 elif record is not None:
                     try:
-                        path = engine.local_path(record)  # a download from a remote store
+                        path = engine.local_path(record, self._folder_urls)  # a download from a remote store
                         check = verifier.submit(engine.problems, self._share(record))
                     except (OSError, UnsafePathError):  # a FIFO, a link, a lost download: verify says which
                         problems = engine.problems(record)
@@ -261,6 +263,11 @@ class FitSession:
                 elif record is not None and split and engine.is_writer:
                     found = Problem(record.name, record.primary_path, "a file another rank verified does not verify")
                     engine.warn_skipped(record, [found])
+
+    @property
+    def _folder_urls(self) -> bool:
+        """Whether the framework loads a folder on a remote store from its URL (an optional `reads_folder_urls`)."""
+        return bool(getattr(self.framework, "reads_folder_urls", False))
 
     def _verified_by_every_rank(self, record: Record) -> bool:
         """Whether each rank verifies a share of `record`: a folder every rank wrote part of, on a framework
@@ -319,7 +326,7 @@ class FitSession:
                     "resume from another checkpoint or set resume='never'"
                 )
             engine.adopt(record, discard_newer=False)
-            return {"record": record.to_json(), "path": engine.local_path(record)}
+            return {"record": record.to_json(), "path": engine.local_path(record, self._folder_urls)}
         if is_url(given) or any(os.path.exists(p) for p in spellings):
             return {"path": given}
         raise PolicyError(
@@ -527,6 +534,7 @@ class FitSession:
 
     def _ranked_plan(self, engine: Engine, epoch: int, step: int, metrics: Metrics, *, mid_epoch: bool) -> Plan:
         """The writer's plan under the top-k, snapshot and last rules, the same on every process."""
+        self._wait_for_shared(engine)
         plan = engine.plan(epoch, step, metrics, mid_epoch=mid_epoch) if self._decides(engine) else None
         plan = self.framework.broadcast(plan)
         assert plan is not None
@@ -561,6 +569,7 @@ class FitSession:
             epoch: the epoch it belongs to (default: the current one).
         """
         engine = self._require_engine()
+        self._wait_for_shared(engine)
         values = self._metrics() if callable(self._metrics) else self._metrics
         epoch = self._epoch if epoch is None else epoch
         plan = None
@@ -583,7 +592,11 @@ class FitSession:
         self._saving = plan
         try:
             if any(item.format == SHARDED for item in plan.items) and fw.world_size() > 1:
-                return self._save_together(engine, plan)
+                self._wait_for_shared(engine)
+                apart = getattr(fw, "background_collectives", None)
+                if background and apart is not None and all(fw.can_snapshot(item) for item in plan.items):
+                    return self._save_together_later(engine, plan, apart)
+                return self._save_together(engine, plan, fw.write)
             if background and plan and all(fw.can_snapshot(item) for item in plan.items):
                 engine.execute_async(plan, fw.snapshot, fw.write_snapshot, fw.buffers)
                 return Saved(plan, (), True)
@@ -592,8 +605,8 @@ class FitSession:
             self._saving = None
         return Saved(plan, tuple(records), background)
 
-    def _save_together(self, engine: Engine, plan: Plan) -> Saved:
-        """A save every rank writes part of: on this thread, and failed on every rank when it failed on one.
+    def _save_together(self, engine: Engine, plan: Plan, write: Writer) -> Saved:
+        """A save every rank writes part of, here and now, failed on every rank when it failed on one.
 
         The writer's commit is the last step that can fail; the ranks then agree on the outcome, so a
         failure raises SaveError on every rank (or only warns everywhere, with on_save_error='warn').
@@ -601,7 +614,7 @@ class FitSession:
         error: Exception | None = None
         records: list[Record] = []
         try:
-            records = engine.execute(plan, self.framework.write)
+            records = engine.execute_here(plan, write)
         except Exception as exc:
             error = exc
         # the writer's transaction returns no records after a failure it only warned about
@@ -610,6 +623,39 @@ class FitSession:
         if error is not None or not engine.is_writer:  # the writer's transaction warned already
             engine.fail(plan, error if error is not None else OSError("another rank failed to save it"))
         return Saved(plan, (), False)
+
+    def _save_together_later(
+        self, engine: Engine, plan: Plan, apart: Callable[[], contextlib.AbstractContextManager[Any]]
+    ) -> Saved:
+        """A save every rank writes part of, in the background on every rank (`policy.async_save`).
+
+        Each rank copies its state here (`snapshot`); its save worker writes the copy, and the writer
+        commits, with the ranks' collectives apart from training's (`apart`, the framework's
+        `background_collectives`). Its outcome, agreed by the ranks, surfaces at the next save or plan,
+        or at the end of the fit, on every rank alike.
+        """
+        fw = self.framework
+        copies = {item.name: fw.snapshot(item) for item in plan.items}
+
+        def write(item: SaveItem, path: str) -> None:
+            fw.write_snapshot(item, copies[item.name], path)
+
+        def job() -> Saved:
+            with apart():
+                return self._save_together(engine, plan, write)
+
+        engine.execute_in_background(job)
+        self._shared_in_flight = True
+        return Saved(plan, (), True)
+
+    def _wait_for_shared(self, engine: Engine) -> None:
+        """On every rank, before a plan or a save: the background save every rank takes part in is over.
+
+        Its error (the same on every rank) is raised here by every rank, before any of them plans.
+        """
+        if self._shared_in_flight:
+            self._shared_in_flight = False
+            engine.wait()
 
     # -- preemption and exceptions ------------------------------------------------------
 
@@ -712,6 +758,7 @@ class FitSession:
         A SIGTERM that found no safe point to stop at is raised again here, never dropped.
         """
         self._in_fit = False
+        self._shared_in_flight = False  # closing the engine waits for it
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.restore()

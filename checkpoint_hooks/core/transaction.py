@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from checkpoint_hooks.core import durable, retention
+from checkpoint_hooks.core import durable, peer_files, retention
 from checkpoint_hooks.core.directory import CheckpointDirectory
 from checkpoint_hooks.core.errors import SaveError
 from checkpoint_hooks.core.hashing import checksum_file, take_written
@@ -175,7 +175,10 @@ class Transaction:
         with store.staging() as stage, contextlib.ExitStack() as cleanup:
             # checksums a DurableFile computed for files of this save that were never taken
             cleanup.callback(durable.forget, stage)
+            # other ranks waiting to upload their part of a checkpoint learn that this save failed
+            cleanup.callback(peer_files.abandon_below, stage)
             staged: list[tuple[str, list[str], list[str]]] = []  # folder, files, files already fsynced
+            uploads: list[peer_files.PeerFiles] = []  # other ranks' files, placed once this rank's are published
             for index, item in enumerate(plan.items):
                 folder = stage_item(stage, index, item, write, self._current, to_disk=flush)
                 files = _files_below(folder)
@@ -184,6 +187,11 @@ class Transaction:
                 # The file named after the item comes first: it is what a framework loads.
                 files.sort(key=lambda rel: (rel != item.filename, rel))
                 entries, synced = self._describe(folder, files, flush)
+                peers = peer_files.find(os.path.join(folder, item.filename))
+                if peers is not None:
+                    entries += self._peer_entries(item, peers)
+                    uploads.append(peers)
+                    entries.sort(key=lambda entry: entry.path)  # as if every file were here (a folder: no primary file)
                 record = self._record(plan, index, item, entries)
                 if os.path.isdir(os.path.join(folder, item.filename)):  # the item is a folder of files
                     record = replace(record, folder=item.filename)
@@ -208,7 +216,18 @@ class Transaction:
                     with contextlib.suppress(Exception):
                         index_dir.remove(name)
                 raise
+            try:
+                for peers in uploads:
+                    peers.settle(placed=True)
+            except BaseException:
+                self.discard(records)  # the sidecars list every file: what was uploaded goes with them
+                raise
         return records
+
+    def _peer_entries(self, item: SaveItem, peers: peer_files.PeerFiles) -> list[FileEntry]:
+        """The entries of the files other ranks upload into the item's folder themselves."""
+        verify = self._host.policy.verify
+        return [FileEntry(f"{item.filename}/{name}", size, checksum if verify else None) for name, checksum, size in peers.files]
 
     def _describe(self, folder: str, files: list[str], flush: bool) -> tuple[list[FileEntry], list[str]]:
         """The entries of an item's files (size, checksum when verified) and those already fsynced."""

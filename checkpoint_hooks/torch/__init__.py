@@ -35,9 +35,12 @@ host memory asynchronously and the worker waits for that copy (`torch.io.Snapsho
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -51,7 +54,7 @@ from checkpoint_hooks.core.planner import SHARDED
 from checkpoint_hooks.core.resume_state import ResumeState, read
 from checkpoint_hooks.core.session import FitSession, KeptCheckpoints
 from checkpoint_hooks.core.store import is_url
-from checkpoint_hooks.policy import CheckpointPolicy, PolicyError, load_policy
+from checkpoint_hooks.policy import CheckpointPolicy, load_policy
 from checkpoint_hooks.torch.io import (
     SnapshotBuffers,
     save_torch,
@@ -97,6 +100,7 @@ class _Torch:
     index_beside = False
     handles_sigterm = False
     broadcasts = True
+    reads_folder_urls = True  # every rank loads its part of a sharded checkpoint on a remote store from there
 
     def __init__(self, owner: Checkpointer) -> None:
         self.owner = owner
@@ -105,6 +109,21 @@ class _Torch:
         self.start = 0
         self.stop = False
         self._model_warned = False
+        self._group: Any = None  # the process group of background saves' collectives, made when first needed
+        self._apart = threading.local()  # .group: the group of this thread's collectives (None: the default one)
+
+    @contextlib.contextmanager
+    def background_collectives(self) -> Iterator[None]:
+        """This thread's collectives go through a process group of their own, apart from training's."""
+        previous = getattr(self._apart, "group", None)
+        self._apart.group = self._group
+        try:
+            yield
+        finally:
+            self._apart.group = previous
+
+    def _collective_group(self) -> Any:
+        return getattr(self._apart, "group", None)
 
     def is_writer(self) -> bool:
         return not _distributed() or torch.distributed.get_rank() == 0
@@ -119,14 +138,14 @@ class _Torch:
         if not _distributed() or torch.distributed.get_world_size() == 1:
             return value
         box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, group=self._collective_group())
         return box[0]
 
     def any_rank(self, flag: bool) -> bool:
         if not _distributed():
             return flag
         box = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX, group=self._collective_group())
         return bool(box.item())
 
     def _state(self, item: SaveItem) -> Any:
@@ -177,28 +196,56 @@ class _Torch:
             )
         save_torch(state, path, self.owner.policy.verify)
 
-    def _write_sharded(self, item: SaveItem, path: str) -> None:
-        """Every rank writes its shards into the writer's staging folder (`path` on the writer)."""
+    def _write_sharded(self, item: SaveItem, path: str, copied: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
+        """Every rank writes its shards: into the writer's staging folder (`path` on the writer), or for a
+        remote store into its own `path`, which it uploads once the writer published its part.
+        `copied`: the state and payload `snapshot` copied, for a save in the background."""
         owner = self.owner
-        folder = self.broadcast(path)
+        store = owner.session.engine.store if owner.session.engine is not None else None
+        remote = store is not None and not store.is_local
+        folder = path if remote else self.broadcast(path)
+        upload = None
+        if remote:
+            assert store is not None and path.endswith(item.filename)
+            root = path[: len(path) - len(item.filename)]  # where this rank's copy of the item lies
+
+            def upload(names: list[str]) -> None:
+                store.publish(root, [f"{item.filename}/{name}" for name in names])
+
         sharded = _sharded()
-        state = sharded.training_state(owner.network, owner.optimizer)
-        extra = self._extra(item)  # every rank: the random states are gathered
-        sharded.save(state, extra, folder, sync=owner.policy.fsync, checksums=owner.policy.verify)
+        if copied is None:
+            state = sharded.training_state(owner.network, owner.optimizer)
+            extra = self._extra(item)  # every rank: the random states are gathered
+        else:
+            state, extra = copied
+        sync = owner.policy.fsync and not remote  # a remote store's local copy needs no flush
+        sharded.save(
+            state, extra, folder, sync=sync, checksums=owner.policy.verify, upload=upload, group=self._collective_group()
+        )
 
     def can_snapshot(self, item: SaveItem) -> bool:
-        return item.format not in ("model", SHARDED)  # a sharded save is a collective of every rank
+        return item.format != "model"  # a pickled module holds live references: it is written where it is
 
     def snapshot(self, item: SaveItem) -> Any:
+        if item.format == SHARDED:  # every rank copies its shards
+            if _distributed() and self._group is None:  # every rank, at the same save: made here, used in workers
+                self._group = torch.distributed.new_group(backend="gloo")
+            sharded = _sharded()
+            state = sharded.copy(sharded.training_state(self.owner.network, self.owner.optimizer))
+            return state, copy.deepcopy(self._extra(item))
         state = self._state(item)
         return self.copies.copy(state) if self.is_writer() else None
 
     def write_snapshot(self, item: SaveItem, snapshot: Any, path: str) -> None:
+        if item.format == SHARDED:
+            with self.background_collectives():
+                self._write_sharded(item, path, snapshot)
+            return
         save_torch(self.copies.ready(snapshot), path, self.owner.policy.verify)
 
     def load(self, path: str) -> ResumeState | None:
         owner = self.owner
-        if os.path.isdir(path):  # a sharded checkpoint: every rank loads its part
+        if os.path.isdir(path) or (is_url(path) and path.endswith(EXTENSIONS[SHARDED])):  # every rank loads its part
             checkpoint: Any = _sharded().load(path, owner.network, owner.optimizer)
             self._load_extra(checkpoint)
             return read(checkpoint.get(STATE_KEY))
@@ -264,11 +311,6 @@ class Checkpointer(KeptCheckpoints):
         **policy_fields: Any,
     ) -> None:
         self.policy = load_policy(policy, **policy_fields)
-        if self.policy.format == SHARDED and is_url(self.policy.dirpath):
-            raise PolicyError(
-                f"format='sharded' writes to a filesystem every rank shares; dirpath={self.policy.dirpath!r} is a URL. "
-                "Use a shared local or network-mounted path"
-            )
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler

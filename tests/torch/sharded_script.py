@@ -7,7 +7,7 @@ draws from its own generator, so a resume that restored one rank's random states
 others' would drift. The validation losses are a fixed sequence, so the kept set depends only on
 the epochs saved. It writes PREFIX{rank}.json: the epochs trained, a digest of the full model and
 optimizer state at the start and after each epoch (rank 0), and the error that ended it, if any.
-With --world 1 it still initializes a one-rank process group.
+With --world 1 it still initializes a one-rank process group. --dir may be a URL (s3://...).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from checkpoint_hooks.core.errors import SaveError
+from checkpoint_hooks.core.store import FsspecStore
 from checkpoint_hooks.torch import Checkpointer, sharded
 
 VAL_LOSS = [0.9, 0.7, 0.8, 0.5, 0.6, 0.4, 0.45, 0.3, 0.35, 0.2]
@@ -68,7 +72,9 @@ def main() -> int:
     p.add_argument("--kill-after-epoch", type=int)  # SIGKILL once this epoch's save committed
     p.add_argument("--die-in-save-at-epoch", type=int)  # SIGKILL after the shards are written, before the commit
     p.add_argument("--fail-save-at-epoch", type=int)  # this rank's shard write raises OSError
+    p.add_argument("--fail-upload-at-epoch", type=int)  # a remote store: this rank's upload raises after it uploaded
     p.add_argument("--on-save-error", default="raise")
+    p.add_argument("--async-save", action="store_true")
     a = p.parse_args()
 
     dist.init_process_group("gloo", init_method="file://" + a.rendezvous, rank=a.rank, world_size=a.world)
@@ -84,31 +90,67 @@ def main() -> int:
     torch.manual_seed(1000 + a.rank)  # each rank its own shuffling and dropout
 
     current = {"epoch": -1}
+
+    def saving(args: object) -> int:
+        """The epoch of the save at hand: in its file names (a background save runs while training goes on)."""
+        named = re.search(r"epoch=(\d+)", repr(args))
+        return int(named.group(1)) if named else current["epoch"]
     mine = a.rank == a.fault_rank
+    remote = "://" in a.dir
     if mine and a.die_in_save_at_epoch is not None:
-        hook = "_remember" if a.rank == 0 else "_own_checksums"
-        original = getattr(sharded, hook)
+        # a remote store: rank 0 once every rank uploaded its files, before the commit; the others once their
+        # files are uploaded, before they report to rank 0.  A shared directory: once every file is written.
+        if remote:
+            owner, hook, after = (sharded, "_place", True) if a.rank == 0 else (FsspecStore, "publish", True)
+        else:
+            owner, hook, after = sharded, "_remember" if a.rank == 0 else "_own_files", False
+        original = getattr(owner, hook)
+
+        def maybe_die(args: tuple[object, ...]) -> None:
+            if saving(args) == a.die_in_save_at_epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
 
         def die(*args: object, **kwargs: object) -> object:
-            if current["epoch"] == a.die_in_save_at_epoch:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
+            if not after:
+                maybe_die(args)
+            result = original(*args, **kwargs)
+            maybe_die(args)
+            return result
 
-        setattr(sharded, hook, die)
+        setattr(owner, hook, die)
+    if mine and a.fail_upload_at_epoch is not None:
+        upload = FsspecStore.publish
+
+        def lost(self: FsspecStore, *args: object, **kwargs: object) -> None:
+            upload(self, *args, **kwargs)  # type: ignore[arg-type]
+            if current["epoch"] == a.fail_upload_at_epoch:
+                raise ConnectionError("connection reset after the upload (injected)")
+
+        FsspecStore.publish = lost  # type: ignore[method-assign]
     if mine and a.fail_save_at_epoch is not None:
         write_data = sharded._Writer.write_data
 
         def fail(self: object, *args: object, **kwargs: object) -> object:
-            if current["epoch"] == a.fail_save_at_epoch:
+            if saving(self.path) == a.fail_save_at_epoch:  # type: ignore[attr-defined]
                 raise OSError(28, "No space left on device (injected)")
             return write_data(self, *args, **kwargs)  # type: ignore[arg-type]
 
         sharded._Writer.write_data = fail  # type: ignore[method-assign]
 
+    threads: set[str] = set()  # where this rank's shards were written: the training thread, or a save worker
+    save = sharded.save
+
+    def noting_the_thread(*args: object, **kwargs: object) -> None:
+        threads.add(threading.current_thread().name.rsplit("_", 1)[0])
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)  # training goes on meanwhile: what is written must be the copy made at the save
+        save(*args, **kwargs)  # type: ignore[arg-type]
+
+    sharded.save = noting_the_thread  # type: ignore[assignment]
     report: dict[str, object] = {"trained": [], "epochs": {}, "start": None, "error": None}
     out = f"{a.out}{a.rank}.json"
     ckpt = Checkpointer(model, optimizer, dirpath=a.dir, format="sharded", monitor="val_loss", top_k=2,
-                        on_save_error=a.on_save_error)
+                        on_save_error=a.on_save_error, async_save=a.async_save)
     try:
         for epoch in ckpt.epochs(a.epochs):
             current["epoch"] = epoch
@@ -131,6 +173,7 @@ def main() -> int:
     except SaveError as exc:
         report["error"] = str(exc)
     report["best"] = ckpt.best_model_path
+    report["threads"] = sorted(threads)
     report["final"] = digest(model, optimizer)
     report["rng"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     with open(out, "w") as f:

@@ -20,20 +20,24 @@ from typing import Any
 import pytest
 import torch
 
-from checkpoint_hooks import PolicyError
 from checkpoint_hooks.core import CheckpointDirectory
+from checkpoint_hooks.core.manifest import read_sidecar
 from checkpoint_hooks.torch import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_script.py")
 EPOCHS = 6
-ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def env() -> dict[str, str]:
+    """The ranks' environment: this process's, read at each start (an S3 fixture may have added to it)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
 class Ranks:
     """The processes of one run: rank 0's stdout is read, the others' discarded; stderr goes to files."""
 
-    def __init__(self, tmp: Path, dirpath: Path, world: int, epochs: int, tag: str, *faults: str) -> None:
+    def __init__(self, tmp: Path, dirpath: Path | str, world: int, epochs: int, tag: str, *faults: str) -> None:
         self.tmp, self.tag, self.world = tmp, tag, world
         rendezvous = tmp / f"rdv-{tag}"
         self.procs = []
@@ -42,7 +46,7 @@ class Ranks:
                     "--dir", str(dirpath), "--out", str(tmp / f"{tag}-"), "--epochs", str(epochs), *faults]
             with open(tmp / f"{tag}-{rank}.err", "w") as err:
                 self.procs.append(subprocess.Popen(
-                    args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, stderr=err, text=True
+                    args, cwd=ROOT, env=env(), stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, stderr=err, text=True
                 ))
 
     def wait_for_first_save(self) -> None:
@@ -73,24 +77,24 @@ class Ranks:
         return [json.loads((self.tmp / f"{self.tag}-{rank}.json").read_text()) for rank in range(self.world)]
 
 
-def run(tmp: Path, dirpath: Path, world: int, epochs: int, tag: str, *faults: str) -> list[dict[str, Any]]:
+def run(tmp: Path, dirpath: Path | str, world: int, epochs: int, tag: str, *faults: str) -> list[dict[str, Any]]:
     return Ranks(tmp, dirpath, world, epochs, tag, *faults).results()
 
 
-def killed(tmp: Path, dirpath: Path, world: int, epochs: int, tag: str, *faults: str) -> None:
+def killed(tmp: Path, dirpath: Path | str, world: int, epochs: int, tag: str, *faults: str) -> None:
     codes = Ranks(tmp, dirpath, world, epochs, tag, *faults).finish()
     assert -signal.SIGKILL in codes, codes
 
 
-def kept(dirpath: Path) -> set[str]:
+def kept(dirpath: Path | str) -> set[str]:
     manifest = CheckpointDirectory(str(dirpath)).read_manifest()
     assert manifest is not None
     return {r.name for r in manifest.records}
 
 
-def verify(dirpath: Path) -> subprocess.CompletedProcess[str]:
+def verify(dirpath: Path | str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "checkpoint_hooks.cli", "verify", str(dirpath)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
 
 
 def leftovers(dirpath: Path) -> list[str]:
@@ -239,11 +243,6 @@ def test_in_one_process_a_sharded_checkpoint_is_a_folder_that_resumes(tmp_path: 
     assert not all(torch.equal(saved[k], starts[0][k]) for k in saved)
 
 
-def test_sharded_needs_a_shared_filesystem_not_a_url() -> None:
-    with pytest.raises(PolicyError, match="format='sharded' writes to a filesystem every rank shares"):
-        Checkpointer(torch.nn.Linear(2, 2), dirpath="s3://bucket/run", format="sharded")
-
-
 def test_a_sharded_checkpoint_survives_being_copied_elsewhere(tmp_path: Path) -> None:
     """The index names the folder, and every file inside it, relative to the directory."""
     model = torch.nn.Linear(2, 2)
@@ -254,3 +253,92 @@ def test_a_sharded_checkpoint_survives_being_copied_elsewhere(tmp_path: Path) ->
     again = Checkpointer(torch.nn.Linear(2, 2), dirpath=str(tmp_path / "moved"), format="sharded")
     assert list(again.epochs(2)) == [1]
     assert again.resumed_from is not None and again.resumed_from.path.startswith(str(tmp_path / "moved"))
+
+
+def on_s3(url: str) -> tuple[list[str], list[str]]:
+    """Files of a remote directory that no committed checkpoint holds: those an uncommitted sidecar lists
+    (cleanup finds them at the next start), and those no sidecar lists (nothing would ever find them)."""
+    directory = CheckpointDirectory(url)
+    getattr(directory.store, "fs").invalidate_cache()  # noqa: B009  # the ranks wrote since this process listed
+    manifest = directory.read_manifest()
+    committed = {r.name for r in manifest.records} if manifest is not None else set()
+    held: set[str] = set()
+    listed: set[str] = set()
+    for path in directory.sidecars():
+        record = read_sidecar(directory.index.read_bytes(path) or b"")
+        (held if record.name in committed else listed).update(f.path for f in record.files)
+        if record.name not in committed:
+            listed.add(path)
+    loose = [f for f in directory.store.list_files() if ".dcp/" in f and f not in held]
+    return sorted(f for f in loose if f in listed), sorted(f for f in loose if f not in listed)
+
+
+def test_on_s3_ranks_killed_mid_upload_resume_bit_identical(tmp_path: Path, bucket: str, oracle: dict[str, Any]) -> None:
+    """Each rank uploads its own shards; rank 0 commits once every upload succeeded."""
+    url = f"{bucket}/run"
+    # rank 1 dies once its shards of epoch 2 are uploaded: rank 0 sees it and takes the save back
+    killed(tmp_path, url, 2, EPOCHS, "a", "--die-in-save-at-epoch", "2", "--fault-rank", "1")
+    assert not [r for r in CheckpointDirectory(url).read_manifest().records if r.epoch == 2]  # type: ignore[union-attr]
+    assert on_s3(url)[1] == []
+    # rank 0 dies at epoch 4 once every rank uploaded its files, before its commit
+    killed(tmp_path, url, 2, EPOCHS, "b", "--die-in-save-at-epoch", "4", "--fault-rank", "0")
+    found, lost = on_s3(url)
+    assert {f.rsplit("/", 1)[-1] for f in found if f.startswith("epoch=004")} == {
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "checkpoint_hooks.pt"
+    }
+    assert lost == []  # every uploaded file is listed by a sidecar rank 0 published first: cleanup finds it
+    done = run(tmp_path, url, 2, EPOCHS, "c")
+    assert [r["trained"] for r in done] == [[4, 5], [4, 5]]
+    assert done[0]["start"] == oracle["run"]["epochs"]["3"]
+    assert done[0]["final"] == oracle["run"]["final"]
+    assert kept(url) == oracle["kept"]
+    assert on_s3(url) == ([], [])  # cleanup removed what the killed saves left
+    checked = verify(url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for record in CheckpointDirectory(url).read_manifest().records:  # type: ignore[union-attr]
+        assert {f.path[len(record.folder or "") + 1 :] for f in record.files} == {
+            ".metadata", "__0_0.distcp", "__1_0.distcp", "checkpoint_hooks.pt"
+        }
+        assert all(f.checksum and f.checksum.startswith("xxh3_128:") for f in record.files)
+
+
+def test_on_s3_a_failed_upload_fails_the_save_everywhere_and_a_run_resumes_on_one_rank(tmp_path: Path, bucket: str) -> None:
+    url = f"{bucket}/run"
+    ranks = run(tmp_path, url, 2, 3, "a", "--fail-upload-at-epoch", "1", "--fault-rank", "1")
+    for report in ranks:
+        assert report["trained"] == [0, 1]
+        assert "could not save epoch=001" in report["error"] and "nothing of it was committed" in report["error"]
+    assert "connection reset after the upload" in ranks[1]["error"]
+    assert {r.epoch for r in CheckpointDirectory(url).read_manifest().records} == {0}  # type: ignore[union-attr]
+    assert on_s3(url) == ([], [])  # rank 1's upload went with the failed save
+    again = run(tmp_path, url, 1, 3, "b")
+    assert again[0]["trained"] == [1, 2]
+    assert again[0]["start"] == ranks[0]["epochs"]["0"]  # read from the store through DCP's fsspec reader, resharded
+
+
+def test_in_the_background_every_rank_saves_in_its_worker_and_a_killed_run_resumes_bit_identical(
+    tmp_path: Path, oracle: dict[str, Any]
+) -> None:
+    """async_save: each rank copies its shards at the epoch end and writes them in its save worker."""
+    d = tmp_path / "d"
+    # rank 1 dies in its worker after writing its shards of epoch 2: rank 0's worker is waiting for them
+    killed(tmp_path, d, 2, EPOCHS, "a", "--async-save", "--die-in-save-at-epoch", "2", "--fault-rank", "1")
+    done = run(tmp_path, d, 2, EPOCHS, "b", "--async-save")
+    assert [r["threads"] for r in done] == [["checkpoint_hooks-save"]] * 2  # never on the training thread
+    assert done[0]["trained"][0] <= 2
+    assert done[0]["start"] == oracle["run"]["epochs"][str(done[0]["trained"][0] - 1)]  # the copy made at that epoch end
+    assert done[0]["final"] == oracle["run"]["final"]
+    assert kept(d) == oracle["kept"]
+    assert not leftovers(d)
+    checked = verify(d)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_background_save_that_fails_on_one_rank_raises_on_every_rank_at_the_next_epoch_end(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    ranks = run(tmp_path, d, 2, 4, "a", "--async-save", "--fail-save-at-epoch", "1", "--fault-rank", "1")
+    for report in ranks:
+        assert report["trained"] == [0, 1, 2]  # raised by epoch 2's end, before it plans
+        assert "could not save epoch=001" in report["error"] and "No space left on device" in report["error"]
+    assert {r.epoch for r in CheckpointDirectory(str(d)).read_manifest().records} == {0}  # type: ignore[union-attr]
+    assert not leftovers(d)
