@@ -144,8 +144,11 @@ class _Torch:
     def any_rank(self, flag: bool) -> bool:
         if not _distributed():
             return flag
-        box = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX, group=self._collective_group())
+        group = self._collective_group()
+        # NCCL reduces only CUDA tensors (object collectives move their bytes by themselves)
+        device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend(group) == "nccl" else "cpu"
+        box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX, group=group)
         return bool(box.item())
 
     def _state(self, item: SaveItem) -> Any:
