@@ -589,6 +589,7 @@ class Engine:
         self._executor.close()
         self._drop_downloads()
         if self._lock is not None:
-            self._lock.release()
+            # a save whose other ranks may still have been uploading: the next start cleans up as after a crash
+            self._lock.release(as_crashed=self._transaction.unsettled)
             self._lock = None
         self._started = False

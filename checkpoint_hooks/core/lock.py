@@ -141,7 +141,8 @@ class DirectoryLock:
                 raise self._conflict(info)
         self.store.write_bytes(LOCK_NAME, json.dumps(_holder_info()).encode())
 
-    def release(self) -> None:
+    def release(self, *, as_crashed: bool = False) -> None:
+        """Free the directory; `as_crashed` leaves the holder's note, so the next start cleans up as after a crash."""
         if not self._held:
             return
         self._held = False
@@ -149,11 +150,12 @@ class DirectoryLock:
             del _HELD[self.store.url]
         if self._fd is not None:
             # Leave the file; an empty one means "free", and unlinking would race a waiting taker.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if not as_crashed:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
-        else:
+        elif not as_crashed:
             with contextlib.suppress(Exception):
                 self.store.remove(LOCK_NAME)
 

@@ -8,6 +8,9 @@ first lists every file (a save interrupted later leaves files that cleanup finds
 publishes the writer's files and settles the announcement: `place` has the other ranks upload
 theirs and report back, and the commit follows only when every upload succeeded. A save that
 fails before that abandons the announcement, so that the other ranks stop waiting for it.
+When `place` cannot learn how the uploads ended (a rank died, the collective broke), it raises
+`OutcomeUnknown`: a rank may still be uploading, so what was published stays where the sidecar
+lists it, and the next start's cleanup removes it.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+class OutcomeUnknown(OSError):
+    """The other ranks' uploads may still be under way: nothing the sidecar lists may be deleted now."""
+
+
 @dataclass
 class PeerFiles:
     """The files other ranks hold of one item, and how to have them uploaded.
 
     Args:
         files: (name inside the item's folder, checksum or None, size) of each file.
-        place: has the other ranks upload their files; raises when any of them failed.
+        place: has the other ranks upload their files; raises when any of them failed (OutcomeUnknown
+            when it cannot tell).
         abandon: tells the other ranks that the save failed before their turn.
     """
 

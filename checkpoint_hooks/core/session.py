@@ -629,13 +629,22 @@ class FitSession:
     ) -> Saved:
         """A save every rank writes part of, in the background on every rank (`policy.async_save`).
 
-        Each rank copies its state here (`snapshot`); its save worker writes the copy, and the writer
-        commits, with the ranks' collectives apart from training's (`apart`, the framework's
+        Each rank copies its state here (`snapshot`; a copy that fails on one rank fails the save on
+        every rank, here); its save worker writes the copy, and the writer commits, with the ranks' collectives apart from training's (`apart`, the framework's
         `background_collectives`). Its outcome, agreed by the ranks, surfaces at the next save or plan,
         or at the end of the fit, on every rank alike.
         """
         fw = self.framework
-        copies = {item.name: fw.snapshot(item) for item in plan.items}
+        copies: dict[str, Any] = {}
+        error: Exception | None = None
+        try:
+            for item in plan.items:
+                copies[item.name] = fw.snapshot(item)
+        except Exception as exc:  # host memory, say: the ranks agree before any worker waits for the others
+            error = exc
+        if fw.any_rank(error is not None):
+            engine.fail(plan, error if error is not None else OSError("another rank could not copy its part"))
+            return Saved(plan, (), False)
 
         def write(item: SaveItem, path: str) -> None:
             fw.write_snapshot(item, copies[item.name], path)

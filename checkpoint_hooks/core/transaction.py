@@ -105,6 +105,8 @@ class Transaction:
         # Whether retention has run over the whole run with this policy (see `candidates`); the
         # engine sets it when a run starts or resumes.
         self.retained_in_full = False
+        # A save failed while other ranks may still have been uploading its files (peer_files.OutcomeUnknown).
+        self.unsettled = False
 
     def save(self, plan: Plan, write: Writer, committed: Callable[[], None]) -> list[Record]:
         """Save `plan` here and now; returns the committed records ([] after a failure that only warns).
@@ -121,6 +123,7 @@ class Transaction:
             removed = self.commit(records)
         except Exception as exc:
             self.discard(records)
+            self.unsettled = self.unsettled or isinstance(exc, peer_files.OutcomeUnknown)
             self.fail(plan, exc)
             return []
         committed()
@@ -219,6 +222,8 @@ class Transaction:
             try:
                 for peers in uploads:
                     peers.settle(placed=True)
+            except peer_files.OutcomeUnknown:
+                raise  # a rank may still be uploading: the sidecars stay, for the next start's cleanup
             except BaseException:
                 self.discard(records)  # the sidecars list every file: what was uploaded goes with them
                 raise

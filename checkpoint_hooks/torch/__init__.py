@@ -233,9 +233,9 @@ class _Torch:
         if item.format == SHARDED:  # every rank copies its shards
             if _distributed() and self._group is None:  # every rank, at the same save: made here, used in workers
                 self._group = torch.distributed.new_group(backend="gloo")
+            extra = copy.deepcopy(self._extra(item))  # the collective first: what only fails here follows it
             sharded = _sharded()
-            state = sharded.copy(sharded.training_state(self.owner.network, self.owner.optimizer))
-            return state, copy.deepcopy(self._extra(item))
+            return sharded.copy(sharded.training_state(self.owner.network, self.owner.optimizer)), extra
         state = self._state(item)
         return self.copies.copy(state) if self.is_writer() else None
 

@@ -195,9 +195,15 @@ def _remember(folder: str, entries: list[tuple[str, str | None, int]], synced: b
 def _place(group: Any) -> None:
     """On rank zero, once its part is published: the other ranks upload theirs; raises when one failed."""
     box: list[Any] = [True]
-    dist.broadcast_object_list(box, src=0, group=group)
     results: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(results, None, group=group)
+    try:
+        dist.broadcast_object_list(box, src=0, group=group)
+        dist.all_gather_object(results, None, group=group)
+    except Exception as exc:  # a rank died or the group broke: another may still be uploading
+        raise peer_files.OutcomeUnknown(
+            f"could not learn whether every rank uploaded its shards ({exc}); what was uploaded stays until "
+            "the next start removes it"
+        ) from exc
     errors = [error for error in results if error is not None]
     if errors:
         raise ShardError(f"a rank could not upload its shards: {'; '.join(errors)}")

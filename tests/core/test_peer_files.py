@@ -13,7 +13,7 @@ from checkpoint_hooks.core import Engine, SaveError
 from checkpoint_hooks.core import peer_files as peer_files_module
 from checkpoint_hooks.core.hashing import checksum_file
 from checkpoint_hooks.core.manifest import sidecar_name
-from checkpoint_hooks.core.peer_files import PeerFiles
+from checkpoint_hooks.core.peer_files import OutcomeUnknown, PeerFiles
 
 EXT = {"training_state": ".ckpt", "sharded": ".dcp"}
 PEER = b"the other rank's shard"
@@ -22,7 +22,7 @@ PEER = b"the other rank's shard"
 class Peer:
     """A stand-in for the other ranks: it uploads its file into the store when placed, and notes what it saw."""
 
-    def __init__(self, engine: Engine, tmp: str, fail: bool = False) -> None:
+    def __init__(self, engine: Engine, tmp: str, fail: BaseException | None = None) -> None:
         self.engine, self.fail = engine, fail
         self.source = os.path.join(tmp, "__1_0.distcp")
         with open(self.source, "wb") as f:
@@ -50,8 +50,8 @@ class Peer:
         }
         with open(self.source, "rb") as f:
             store.write_bytes(f"{folder}/__1_0.distcp", f.read())
-        if self.fail:
-            raise ConnectionError("lost the connection after the upload")
+        if self.fail is not None:
+            raise self.fail
 
     def abandon(self) -> None:
         self.calls.append("abandon")
@@ -81,7 +81,7 @@ def test_the_peers_place_their_files_after_the_writers_part_is_published_and_bef
 
 
 def test_a_failed_placement_fails_the_save_and_takes_back_every_file(engine: Engine, tmp_path: Any) -> None:
-    peer = Peer(engine, str(tmp_path), fail=True)
+    peer = Peer(engine, str(tmp_path), fail=ConnectionError("lost the connection after the upload"))
     with pytest.raises(SaveError, match="lost the connection after the upload"):
         engine.save(0, 0, {"loss": 0.5}, peer.write)
     assert peer.calls == ["place"]
@@ -103,3 +103,23 @@ def test_a_save_that_fails_before_the_peers_turn_abandons_them(engine: Engine, t
     assert peer.calls == ["abandon"]  # once: the peers wait for exactly one answer
     assert engine.manifest.records == []
     engine.close()
+
+
+def test_when_the_peers_outcome_is_unknown_what_was_published_stays_for_the_next_start(tmp_path: Any) -> None:
+    """A rank that died mid-upload: another may still be uploading, so nothing the sidecar lists is deleted now."""
+    policy = CheckpointPolicy(dirpath=str(tmp_path / "d"), monitor="loss", format="sharded")
+    engine = Engine(policy, extensions=EXT, resumable_formats=frozenset(EXT))
+    engine.start()
+    peer = Peer(engine, str(tmp_path), fail=OutcomeUnknown("a rank died"))
+    with pytest.raises(SaveError, match="a rank died"):
+        engine.save(0, 0, {"loss": 0.5}, peer.write)
+    assert engine.manifest.records == []
+    store = engine.store
+    assert store is not None
+    left = [f for f in store.list_files() if ".dcp" in f or f.endswith(".meta.json")]
+    assert sorted(f.rsplit("/", 1)[-1] for f in left) == [".metadata", "__1_0.distcp", "epoch=000-loss=0.5000.meta.json"]
+    engine.close()
+    again = Engine(policy, extensions=EXT, resumable_formats=frozenset(EXT))
+    again.start()  # its cleanup finds them through the sidecar
+    again.close()
+    assert [f for f in store.list_files() if ".dcp" in f or f.endswith(".meta.json")] == []

@@ -61,7 +61,7 @@ def digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | No
     return h.hexdigest()
 
 
-def main() -> int:
+def main() -> None:
     p = argparse.ArgumentParser()
     for name in ("--rendezvous", "--dir", "--out"):
         p.add_argument(name, required=True)
@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--fail-upload-at-epoch", type=int)  # a remote store: this rank's upload raises after it uploaded
     p.add_argument("--on-save-error", default="raise")
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--fail-copy-at-epoch", type=int)  # with --async-save: this rank's copy to host memory fails
     a = p.parse_args()
 
     dist.init_process_group("gloo", init_method="file://" + a.rendezvous, rank=a.rank, world_size=a.world)
@@ -118,6 +119,15 @@ def main() -> int:
             return result
 
         setattr(owner, hook, die)
+    if mine and a.fail_copy_at_epoch is not None:
+        copy_state = sharded.copy
+
+        def no_memory(state: dict[str, object]) -> dict[str, object]:
+            if current["epoch"] == a.fail_copy_at_epoch:
+                raise MemoryError("no host memory left for the copy (injected)")
+            return copy_state(state)
+
+        sharded.copy = no_memory  # type: ignore[assignment]
     if mine and a.fail_upload_at_epoch is not None:
         upload = FsspecStore.publish
 
@@ -178,10 +188,13 @@ def main() -> int:
     report["rng"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     with open(out, "w") as f:
         json.dump(report, f)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    return 3 if report["error"] else 0
+    dist.barrier()  # every rank is done with the others
+    # Leave without tearing gloo down: a rank whose peer closed its connections first can abort in
+    # gloo's teardown ("terminate called without an active exception"), which is not what is tested.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(3 if report["error"] else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

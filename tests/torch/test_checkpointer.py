@@ -219,9 +219,12 @@ for epoch in ckpt.epochs(int(sys.argv[5])):
     for _ in range(3):
         opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); ckpt.step()
     ckpt.epoch_end(val_loss=1.0 / (epoch + 1))
-json.dump({"trained": trained, "best": ckpt.best_model_path, "w": model.module.weight.detach().tolist()}, open(out, "w"))
-dist.barrier()  # no rank tears gloo down while another still talks to it
-dist.destroy_process_group()
+with open(out, "w") as f:
+    json.dump({"trained": trained, "best": ckpt.best_model_path, "w": model.module.weight.detach().tolist()}, f)
+dist.barrier()  # every rank is done with the others
+# leave without tearing gloo down: a rank whose peer closed first can abort in gloo's teardown
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -276,10 +276,15 @@ def on_s3(url: str) -> tuple[list[str], list[str]]:
 def test_on_s3_ranks_killed_mid_upload_resume_bit_identical(tmp_path: Path, bucket: str, oracle: dict[str, Any]) -> None:
     """Each rank uploads its own shards; rank 0 commits once every upload succeeded."""
     url = f"{bucket}/run"
-    # rank 1 dies once its shards of epoch 2 are uploaded: rank 0 sees it and takes the save back
+    # rank 1 dies once its shards of epoch 2 are uploaded: rank 0 cannot tell whether every upload ended,
+    # so it leaves what was uploaded to the next start's cleanup
     killed(tmp_path, url, 2, EPOCHS, "a", "--die-in-save-at-epoch", "2", "--fault-rank", "1")
     assert not [r for r in CheckpointDirectory(url).read_manifest().records if r.epoch == 2]  # type: ignore[union-attr]
-    assert on_s3(url)[1] == []
+    found, lost = on_s3(url)
+    assert {f.rsplit("/", 1)[-1] for f in found if f.startswith("epoch=002")} == {
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "checkpoint_hooks.pt"
+    }
+    assert lost == []
     # rank 0 dies at epoch 4 once every rank uploaded its files, before its commit
     killed(tmp_path, url, 2, EPOCHS, "b", "--die-in-save-at-epoch", "4", "--fault-rank", "0")
     found, lost = on_s3(url)
@@ -342,3 +347,25 @@ def test_a_background_save_that_fails_on_one_rank_raises_on_every_rank_at_the_ne
         assert "could not save epoch=001" in report["error"] and "No space left on device" in report["error"]
     assert {r.epoch for r in CheckpointDirectory(str(d)).read_manifest().records} == {0}  # type: ignore[union-attr]
     assert not leftovers(d)
+
+
+def test_a_copy_that_fails_on_one_rank_fails_the_background_save_on_every_rank_at_once(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    ranks = run(tmp_path, d, 2, 3, "a", "--async-save", "--fail-copy-at-epoch", "1", "--fault-rank", "1")
+    for report in ranks:
+        assert report["trained"] == [0, 1]  # raised by epoch 1's own end: no worker waits for the other rank
+        assert "could not save epoch=001" in report["error"]
+    assert "no host memory left for the copy" in ranks[1]["error"]
+    assert "another rank could not copy its part" in ranks[0]["error"]
+    assert {r.epoch for r in CheckpointDirectory(str(d)).read_manifest().records} == {0}  # type: ignore[union-attr]
+
+
+def test_on_s3_in_the_background(tmp_path: Path, bucket: str) -> None:
+    url = f"{bucket}/run"
+    first = run(tmp_path, url, 2, 3, "a", "--async-save")
+    assert [r["threads"] for r in first] == [["checkpoint_hooks-save"]] * 2
+    assert on_s3(url) == ([], [])
+    checked = verify(url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    again = run(tmp_path, url, 2, 4, "b", "--async-save")
+    assert [r["trained"] for r in again] == [[3]] * 2 and again[0]["start"] == first[0]["epochs"]["2"]
