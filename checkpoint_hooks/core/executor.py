@@ -129,6 +129,8 @@ class Executor:
     def save_here(self, plan: Plan, write: Writer) -> list[Record]:
         """Save `plan` on this thread now, whatever is in flight: the writer's transaction; on every other
         process `write` into scratch files (a collective save needs every process to write)."""
+        if not self._host.run_decided:
+            self._host.start_fresh()
         if not self._host.is_writer:
             with tempfile.TemporaryDirectory(prefix="checkpoint_hooks-rank-") as scratch:
                 for item in plan.items:

@@ -630,9 +630,10 @@ class FitSession:
         """A save every rank writes part of, in the background on every rank (`policy.async_save`).
 
         Each rank copies its state here (`snapshot`; a copy that fails on one rank fails the save on
-        every rank, here); its save worker writes the copy, and the writer commits, with the ranks' collectives apart from training's (`apart`, the framework's
-        `background_collectives`). Its outcome, agreed by the ranks, surfaces at the next save or plan,
-        or at the end of the fit, on every rank alike.
+        every rank, here). Its save worker writes the copy and the writer commits, with the ranks'
+        collectives apart from training's (`apart`, the framework's `background_collectives`). The
+        outcome, agreed by the ranks, surfaces at the next save or plan, or at the end of the fit, on
+        every rank alike.
         """
         fw = self.framework
         copies: dict[str, Any] = {}

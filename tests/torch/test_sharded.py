@@ -369,3 +369,23 @@ def test_on_s3_in_the_background(tmp_path: Path, bucket: str) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     again = run(tmp_path, url, 2, 4, "b", "--async-save")
     assert [r["trained"] for r in again] == [[3]] * 2 and again[0]["start"] == first[0]["epochs"]["2"]
+
+
+def test_in_one_process_a_background_sharded_save_writes_the_state_of_its_epoch_end(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.Adam(model.parameters())
+    ckpt = Checkpointer(model, optimizer, dirpath=str(tmp_path / "d"), format="sharded", async_save=True)
+    for _ in ckpt.epochs(1):
+        optimizer.zero_grad()
+        model(torch.randn(3, 64)).sum().backward()
+        optimizer.step()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt.epoch_end()
+        with torch.no_grad():  # right away, while the worker may still be writing
+            for p in model.parameters():
+                p.add_(100.0)
+    again = torch.nn.Linear(64, 64)
+    resumed = Checkpointer(again, torch.optim.Adam(again.parameters()), dirpath=str(tmp_path / "d"), format="sharded")
+    assert list(resumed.epochs(2)) == [1]
+    assert all(torch.equal(again.state_dict()[k], saved[k]) for k in saved)
