@@ -70,6 +70,8 @@ class Framework(Protocol):
     process's rank among `world_size()`: each rank then verifies a share of such a checkpoint's files
     on resume, instead of the writer all of them. With `reads_folder_urls = True` such a checkpoint on
     a remote store is not downloaded: `load` gets its URL, where every rank reads its own part.
+    `verified_before_load`, names of files inside such a folder that loading unpickles as they are
+    (DCP's `.metadata`), has them verified before the checkpoint is loaded, not while it loads.
     With `background_collectives()`, a context manager in which this thread's collectives run apart
     from training's, such a checkpoint can be saved in the background (`async_save`): every rank
     copies its part with `snapshot`, and a worker on every rank writes it and agrees on the outcome.

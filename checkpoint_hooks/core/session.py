@@ -246,11 +246,14 @@ class FitSession:
                     check = verifier.submit(engine.problems, self._share(record))
                 error: Exception | None = None
                 point = None
-                try:
-                    point = self._load(engine, record, path)
-                except Exception as exc:
-                    error = exc
+                early = self._verify_before_load(engine, record)
+                if not early:
+                    try:
+                        point = self._load(engine, record, path)
+                    except Exception as exc:
+                        error = exc
                 problems = check.result() if check is not None else []
+                problems += [p for p in early if p not in problems]
                 verified = (not fw.any_rank(bool(problems))) if split else fw.broadcast(not problems)
                 if verified:
                     if error is not None:
@@ -263,6 +266,19 @@ class FitSession:
                 elif record is not None and split and engine.is_writer:
                     found = Problem(record.name, record.primary_path, "a file another rank verified does not verify")
                     engine.warn_skipped(record, [found])
+
+    def _verify_before_load(self, engine: Engine, record: Record | None) -> list[Problem]:
+        """What does not verify among the files of a folder checkpoint that loading unpickles as they are.
+
+        The framework names them (an optional `verified_before_load`, names inside the folder: DCP's
+        `.metadata`); they are small, and are checked here before anything is loaded, where the rest
+        is verified while it loads.
+        """
+        names = getattr(self.framework, "verified_before_load", ())
+        if record is None or record.folder is None or not names:
+            return []
+        files = tuple(f for f in record.files if f.path.rsplit("/", 1)[-1] in names)
+        return engine.problems(replace(record, files=files)) if files else []
 
     @property
     def _folder_urls(self) -> bool:

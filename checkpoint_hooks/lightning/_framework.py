@@ -54,6 +54,8 @@ class LightningFramework:
     resumes_mid_epoch = True  # the loops' progress is in the checkpoint
     handles_sigterm = True  # Lightning raises SIGTERMException, seen in on_exception
     broadcasts = True
+    # a sharded strategy's folder: DCP unpickles .metadata, and Lightning loads meta.pt; checked before loading
+    verified_before_load = (".metadata", "meta.pt")
 
     def __init__(self, owner: BestCheckpoint) -> None:
         self.owner = owner

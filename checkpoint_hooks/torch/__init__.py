@@ -101,6 +101,7 @@ class _Torch:
     handles_sigterm = False
     broadcasts = True
     reads_folder_urls = True  # every rank loads its part of a sharded checkpoint on a remote store from there
+    verified_before_load = (".metadata",)  # DCP unpickles it: checked before a sharded checkpoint is loaded
 
     def __init__(self, owner: Checkpointer) -> None:
         self.owner = owner

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -389,3 +390,34 @@ def test_in_one_process_a_background_sharded_save_writes_the_state_of_its_epoch_
     resumed = Checkpointer(again, torch.optim.Adam(again.parameters()), dirpath=str(tmp_path / "d"), format="sharded")
     assert list(resumed.epochs(2)) == [1]
     assert all(torch.equal(again.state_dict()[k], saved[k]) for k in saved)
+
+
+class _Planted:
+    """A pickle that creates a file when it is loaded: what a tampered `.metadata` could run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_metadata_is_caught_before_dcp_unpickles_it(tmp_path: Path) -> None:
+    def train(epochs: int) -> Checkpointer:
+        model = torch.nn.Linear(4, 2)
+        ckpt = Checkpointer(model, torch.optim.Adam(model.parameters()), dirpath=str(tmp_path / "d"), format="sharded",
+                            snapshots={"every_n_epochs": 1})
+        for _ in ckpt.epochs(epochs):
+            ckpt.epoch_end()
+        return ckpt
+
+    train(2)
+    manifest = CheckpointDirectory(str(tmp_path / "d")).read_manifest()
+    assert manifest is not None
+    newest = max(manifest.records, key=lambda r: r.seq)
+    marker = tmp_path / "planted-code-ran"
+    (tmp_path / "d" / (newest.folder or "") / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
+    again = train(3)
+    assert not marker.exists()
+    assert again.resumed_from is not None and again.resumed_from.record is not None
+    assert again.resumed_from.record.epoch == newest.epoch - 1  # the previous checkpoint
