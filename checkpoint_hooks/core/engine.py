@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoint_hooks.core import retention
+from checkpoint_hooks.core import retention, scratch
 from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.directory import CheckpointDirectory, Problem
 from checkpoint_hooks.core.errors import SaveError
@@ -419,7 +418,7 @@ class Engine:
                     pass
             with self.store.local_path(record.primary_path, folder=record.folder is not None) as path:
                 return path
-        tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-resume-")
+        tmp = scratch.folder("resume")
         self._materialized.append(tmp)
         for entry in record.files:
             target = os.path.join(tmp, *entry.path.split("/"))

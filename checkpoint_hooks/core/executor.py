@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+from checkpoint_hooks.core import scratch as scratch_folders
 from checkpoint_hooks.core.buffers import HostBuffers
 from checkpoint_hooks.core.planner import Plan, SaveItem, Writer
 from checkpoint_hooks.core.records import Record
@@ -132,7 +132,7 @@ class Executor:
         if not self._host.run_decided:
             self._host.start_fresh()
         if not self._host.is_writer:
-            with tempfile.TemporaryDirectory(prefix="checkpoint_hooks-rank-") as scratch:
+            with scratch_folders.temporary("rank") as scratch:
                 for item in plan.items:
                     write(item, os.path.join(scratch, item.filename))
             return []

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Collection, Iterator
 from typing import IO, Protocol
 
+from checkpoint_hooks.core import scratch
 from checkpoint_hooks.core.paths import UnsafePathError, open_regular, relative_path, within
 
 STAGING_PREFIX = ".staging-"
@@ -306,11 +307,8 @@ class FsspecStore:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:
-        path = tempfile.mkdtemp(prefix="checkpoint_hooks-")
-        try:
+        with scratch.temporary("staging") as path:
             yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def publish(self, staging_dir: str, relpaths: list[str], synced: Collection[str] = ()) -> None:
         for rel in relpaths:
@@ -354,14 +352,11 @@ class FsspecStore:
 
     @contextlib.contextmanager
     def local_path(self, relpath: str, folder: bool = False) -> Iterator[str]:  # `get` copies a folder too
-        tmp = tempfile.mkdtemp(prefix="checkpoint_hooks-")
-        try:
+        with scratch.temporary("download") as tmp:
             target = os.path.join(tmp, *relpath.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             self.fs.get(self._abs(relpath), target, recursive=True)
             yield target
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def cleanup_staging(self) -> list[str]:
         return []  # staging is local and temporary; uncommitted uploads are found through the manifest

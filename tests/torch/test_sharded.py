@@ -274,9 +274,14 @@ def on_s3(url: str) -> tuple[list[str], list[str]]:
     return sorted(f for f in loose if f in listed), sorted(f for f in loose if f not in listed)
 
 
-def test_on_s3_ranks_killed_mid_upload_resume_bit_identical(tmp_path: Path, bucket: str, oracle: dict[str, Any]) -> None:
+def test_on_s3_ranks_killed_mid_upload_resume_bit_identical(
+    tmp_path: Path, bucket: str, oracle: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each rank uploads its own shards; rank 0 commits once every upload succeeded."""
     url = f"{bucket}/run"
+    scratch = tmp_path / "tmp"  # the ranks' $TMPDIR, where each writes its shards before uploading them
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     # rank 1 dies once its shards of epoch 2 are uploaded: rank 0 cannot tell whether every upload ended,
     # so it leaves what was uploaded to the next start's cleanup
     killed(tmp_path, url, 2, EPOCHS, "a", "--die-in-save-at-epoch", "2", "--fault-rank", "1")
@@ -299,6 +304,7 @@ def test_on_s3_ranks_killed_mid_upload_resume_bit_identical(tmp_path: Path, buck
     assert done[0]["final"] == oracle["run"]["final"]
     assert kept(url) == oracle["kept"]
     assert on_s3(url) == ([], [])  # cleanup removed what the killed saves left
+    assert [n for n in os.listdir(scratch) if n.startswith("checkpoint_hooks-")] == []  # the killed ranks' copies too
     checked = verify(url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     for record in CheckpointDirectory(url).read_manifest().records:  # type: ignore[union-attr]
