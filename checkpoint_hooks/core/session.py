@@ -217,9 +217,15 @@ class FitSession:
             record = engine.find_resume()
             return self._load(engine, record, engine.local_path(record, self._folder_urls)) if record is not None else None
         candidates: Iterator[Record] = iter(engine.resume_candidates() if engine.is_writer else [])
+        skipped = 0  # checkpoints that did not verify (the writer counts them)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_hooks-verify") as verifier:
             while True:
                 record = next(candidates, None)
+                if record is None and skipped and engine.is_writer:
+                    log.warning(
+                        "none of the %d checkpoint(s) to resume from in %s verifies: training starts from the "
+                        "beginning, and they stay as they are", skipped, engine.directory.url,
+                    )
                 path, check = None, None
                 foreign = self._foreign(engine, record) if record is not None else None
                 if foreign is not None:
@@ -233,6 +239,7 @@ class FitSession:
                         if not problems:
                             raise
                         engine.warn_skipped(record, problems)
+                        skipped += 1
                         continue
                 shared = fw.broadcast((path, record.to_json() if record is not None else None, foreign))
                 if shared[2] is not None:
@@ -266,6 +273,7 @@ class FitSession:
                 elif record is not None and split and engine.is_writer:
                     found = Problem(record.name, record.primary_path, "a file another rank verified does not verify")
                     engine.warn_skipped(record, [found])
+                skipped += 1
 
     def _verify_before_load(self, engine: Engine, record: Record | None) -> list[Problem]:
         """What does not verify among the files of a folder checkpoint that loading unpickles as they are.

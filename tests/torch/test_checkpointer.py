@@ -252,3 +252,27 @@ def test_under_ddp_rank_zero_writes_and_every_rank_resumes_the_same_epoch(tmp_pa
     assert second[0]["w"] == second[1]["w"]
     names = sorted(os.listdir(tmp_path / "d"))
     assert not [n for n in names if "rank" in n or n.startswith(".staging")]
+
+
+def test_when_no_checkpoint_verifies_the_warning_says_training_starts_from_the_beginning(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def run(epochs: int) -> list[int]:
+        model = torch.nn.Linear(2, 2)
+        ckpt = Checkpointer(model, torch.optim.SGD(model.parameters(), lr=0.1), dirpath=str(tmp_path))
+        trained = []
+        for epoch in ckpt.epochs(epochs):
+            trained.append(epoch)
+            ckpt.epoch_end()
+        return trained
+
+    assert run(1) == [0]
+    [record] = CheckpointDirectory(str(tmp_path)).read_manifest().records  # type: ignore[union-attr]
+    path = tmp_path / record.files[0].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="checkpoint_hooks"):
+        assert run(2) == [0, 1]
+    assert "none of the 1 checkpoint(s) to resume from" in caplog.text
+    assert "training starts from the beginning" in caplog.text
